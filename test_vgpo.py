@@ -1,0 +1,291 @@
+"""Tests: each one checks a claim made in vgpo.py, shapes.py or the README. Run: pytest -q"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import reward
+import shapes
+import vgpo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------------
+# eq. (2): the SDE step
+# ---------------------------------------------------------------------------------------------------
+def test_sde_logprob_matches_independent_normal():
+    """The step's mean (Flow-GRPO's factored form), std and log-prob agree with torch.distributions.Normal."""
+    g = torch.Generator().manual_seed(0)
+    v, x = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    for sigma, sigma_next, sigma_max in [(0.6, 0.5, None), (1.0, 0.9, 0.9)]:
+        nxt, lp, mean, std = vgpo.sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, generator=g)
+        dt = sigma_next - sigma
+        s = 0.7 * np.sqrt(sigma / (1 - (sigma_max if sigma == 1.0 else sigma)))
+        want_mean = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+        torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-5)
+        assert abs(float(std) - s * np.sqrt(-dt)) < 1e-6
+        want_lp = torch.distributions.Normal(want_mean, s * np.sqrt(-dt)).log_prob(nxt).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-5)
+        # scoring a given sample returns it unchanged with the same log-prob
+        again, lp2, _, _ = vgpo.sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, prev_sample=nxt)
+        assert torch.equal(again, nxt) and torch.allclose(lp2, lp)
+
+
+def test_noise_level_zero_is_the_euler_step():
+    """With a = 0 the SDE step equals diffusers' FlowMatchEulerDiscreteScheduler.step exactly."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    v, x = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for k in (0, 4, 8):
+        nxt, lp, _, _ = vgpo.sde_step_with_logprob(v, x, sched.sigmas[k], sched.sigmas[k + 1], 0.0)
+        sched._step_index = k
+        want = sched.step(v, sched.timesteps[k], x, return_dict=False)[0]
+        assert torch.equal(nxt, want)
+        assert torch.equal(lp, torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# eq. (8): ratio and clip
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model():
+    args = vgpo.make_args(model="tiny", num_generations=4, prompts_per_epoch=2, train_batch_size=4,
+                          gradient_accumulation_steps=1, num_steps=4)
+    return vgpo.load_model(args), args
+
+
+def test_rescored_rollout_has_ratio_one_and_loss_minus_mean_advantage(tiny_model):
+    """Re-scoring a rollout with unchanged weights gives ratio 1 at every trained step and loss = −mean(Â)."""
+    model, args = tiny_model
+    traj = vgpo.rollout(model, ["a red circle", "two blue squares"], args, generator=torch.Generator().manual_seed(0))
+    assert traj.latents.shape == (8, 5, 3, 32, 32) and traj.log_probs.shape == (8, 4) and traj.x0_preds.shape == (8, 4, 3, 32, 32)
+    adv = torch.randn(8, 4)
+    cond = model.encode(traj.prompts)
+    with torch.no_grad():
+        for k in range(3):
+            v = vgpo.guided_velocity(model.transformer, traj.latents[:, k], traj.sigmas[k], cond, None, 1.0)
+            _, lp, _, _ = vgpo.sde_step_with_logprob(v, traj.latents[:, k], traj.sigmas[k], traj.sigmas[k + 1],
+                                                     args.noise_level, prev_sample=traj.latents[:, k + 1])
+            loss, stats = vgpo.policy_loss(lp, traj.log_probs[:, k], adv[:, k], args.clip_range)
+            torch.testing.assert_close(torch.exp(lp - traj.log_probs[:, k]), torch.ones(8), atol=1e-5, rtol=0)
+            assert abs(loss.item() + adv[:, k].mean().item()) < 1e-4 and stats["policy/clip_frac"] == 0
+
+
+def test_clip_stops_the_gradient_only_in_the_direction_of_the_advantage_sign():
+    """Outside [1−ε, 1+ε] the gradient is zero where moving further would pay (ρ > 1+ε for Â > 0,
+    ρ < 1−ε for Â < 0) and not zero where the unclipped term is the pessimistic one."""
+    eps = 1e-3
+    for adv, log_ratio, blocked in [(1.0, 0.01, True), (1.0, -0.01, False), (-1.0, -0.01, True), (-1.0, 0.01, False),
+                                    (1.0, 0.0, False), (-1.0, 0.0, False)]:
+        lp = torch.tensor([log_ratio], requires_grad=True)
+        loss, _ = vgpo.policy_loss(lp, torch.zeros(1), torch.tensor([adv]), eps)
+        loss.backward()
+        assert (lp.grad.abs().item() == 0) == blocked, (adv, log_ratio)
+
+
+def test_kl_term_is_added_with_beta():
+    """loss = L_clip + β·mean(KL)."""
+    lp = torch.zeros(3)
+    base, _ = vgpo.policy_loss(lp, lp, torch.ones(3), 1e-3)
+    with_kl, stats = vgpo.policy_loss(lp, lp, torch.ones(3), 1e-3, kl=torch.tensor([1.0, 2.0, 3.0]), beta=0.5)
+    assert abs(with_kl.item() - (base.item() + 1.0)) < 1e-6 and stats["loss/kl"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# eqs. (4)–(7): values, weights, advantages
+# ---------------------------------------------------------------------------------------------------
+def test_temporal_values_and_step_weights_by_hand():
+    """Q_k = r_k + γ·Q_{k+1} and ω = Q/mean(Q) on a hand-computed example; ω = 1 for a zero trajectory."""
+    r = torch.tensor([[0.1, 0.2, 0.5], [0.0, 0.0, 0.0]])
+    q = vgpo.temporal_values(r, 0.5)
+    torch.testing.assert_close(q, torch.tensor([[0.325, 0.45, 0.5], [0.0, 0.0, 0.0]]))
+    w = vgpo.step_weights(q)
+    torch.testing.assert_close(w, torch.tensor([[0.325 / 0.425, 0.45 / 0.425, 0.5 / 0.425], [1.0, 1.0, 1.0]]))
+
+
+def test_vgpo_advantage_survives_a_uniform_group_on_anchored_steps_only():
+    """Identical rewards in a group: Â = ω·κ·Q̄ ≠ 0 on the first anchor_steps steps, exactly 0 after."""
+    T, gamma, kappa = 6, 0.9, 0.5
+    r = torch.full((4, T), 0.8)  # one group, every trajectory and step alike
+    q = vgpo.temporal_values(r, gamma)
+    adv = vgpo.vgpo_advantages(q, torch.zeros(4, dtype=torch.long), gamma, kappa, 3, 5.0)
+    w = vgpo.step_weights(q)
+    for k in range(T):
+        horizon_sum = sum(gamma**j for j in range(T - k))
+        want = w[0, k] * kappa * q[0, k] / horizon_sum if k < 3 else 0.0
+        torch.testing.assert_close(adv[:, k], torch.full((4,), float(want)))
+    assert (adv[:, :3] > 0).all()
+    # Q̄ is back in reward units: the discounted mean of a constant reward is that reward
+    torch.testing.assert_close(adv[0, :3] / (kappa * w[0, :3]), torch.full((3,), 0.8))
+
+
+def test_vgpo_reduces_to_grpo_without_anchor_weights_and_instant_rewards():
+    """κ = 0, ω ≡ 1 and terminal-only rewards: VGPO's advantage is GRPO's (exactly for γ = 1)."""
+    g = torch.Generator().manual_seed(1)
+    N, T = 12, 5
+    terminal = torch.rand(N, generator=g)
+    r = torch.zeros(N, T)
+    r[:, -1] = terminal
+    groups = torch.arange(3).repeat_interleave(4)
+    grpo = vgpo.grpo_advantages(terminal, groups, "group", 5.0, T)
+    for gamma, tol in [(1.0, 0.0), (0.9, 2e-3)]:
+        q = vgpo.temporal_values(r, gamma)
+        adv = vgpo.vgpo_advantages(q, groups, gamma, 0.0, 3, 5.0, weights=torch.ones(N, T))
+        torch.testing.assert_close(adv, grpo, atol=tol, rtol=tol)
+
+
+def test_grpo_scaling_modes():
+    """'group' divides by the group's std, 'batch' by the batch's, 'none' only centres."""
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5])
+    groups = torch.tensor([0, 0, 1, 1])
+    torch.testing.assert_close(vgpo.grpo_advantages(rewards, groups, "none", 5.0, 2)[:, 0], torch.tensor([-0.5, 0.5, 0, 0]))
+    torch.testing.assert_close(vgpo.grpo_advantages(rewards, groups, "group", 5.0, 2)[:, 0],
+                               torch.tensor([-0.5, 0.5, 0, 0]) / (0.5 + 1e-4))
+    torch.testing.assert_close(vgpo.grpo_advantages(rewards, groups, "batch", 5.0, 2)[:, 0],
+                               torch.tensor([-0.5, 0.5, 0, 0]) / (rewards.std(unbiased=False) + 1e-4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The toy world
+# ---------------------------------------------------------------------------------------------------
+def _meaning(meta):
+    objs = [(o["shape"], o["color"], o["count"]) for o in meta["objects"]]
+    if meta["relation"]:
+        inverse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+        return {(objs[0], meta["relation"], objs[1]), (objs[1], inverse[meta["relation"]], objs[0])}
+    return {tuple(sorted(objs, key=str))}
+
+
+@pytest.mark.parametrize("category", shapes.CATEGORIES)
+def test_verifier_scores_own_renders_one_and_mismatched_prompts_less(category):
+    """The verifier gives 1.0 (partial and strict) to renders of a prompt and less to renders of another
+    prompt of the same category with a different meaning."""
+    rng = np.random.default_rng(0)
+    prompts = [p for p, m, _ in shapes.PROMPTS if m["category"] == category]
+    for p in prompts:
+        imgs = np.stack([shapes.render(shapes.METADATA[p], rng) for _ in range(5)])
+        partial, strict = shapes.verify(imgs, [shapes.METADATA[p]] * 5)
+        assert (partial == 1).all() and (strict == 1).all(), p
+    pairs = [(a, b) for a in prompts for b in prompts if _meaning(shapes.METADATA[a]) != _meaning(shapes.METADATA[b])]
+    for i in rng.choice(len(pairs), size=min(60, len(pairs)), replace=False):
+        a, b = pairs[i]
+        partial, strict = shapes.verify(shapes.render(shapes.METADATA[b], rng)[None], [shapes.METADATA[a]])
+        assert partial[0] < 1 and strict[0] == 0, (a, b)
+
+
+def test_prompt_split_holds_out_combinations_and_balances_categories():
+    """Test prompts are unseen combinations (except the 3 single-object ones), every word is trained,
+    sampling weights make the six categories equally likely, and the eval set has ≥ 600 images, ≥ 6 per prompt."""
+    overlap = set(shapes.TRAIN_PROMPTS) & set(shapes.TEST_PROMPTS)
+    assert {shapes.METADATA[p]["category"] for p in overlap} == {"single_object"}
+    assert {w for p in shapes.TRAIN_PROMPTS for w in p.split()} == set(shapes.VOCAB[2:])
+    w = shapes.sampling_weights(shapes.TRAIN_PROMPTS)
+    for c in shapes.CATEGORIES:
+        assert abs(sum(wi for wi, p in zip(w, shapes.TRAIN_PROMPTS) if shapes.METADATA[p]["category"] == c) - 1 / 6) < 1e-9
+    ev = shapes.eval_prompt_list()
+    assert len(ev) >= 600 and min(ev.count(p) for p in set(ev)) >= 6
+
+
+def test_rewards_follow_the_interface():
+    """Every registered reward maps (N,3,H,W) images in [0,1] to (N,) finite values in [0, 1]."""
+    rng = np.random.default_rng(0)
+    prompts = ["a red circle", "two blue squares", "a circle left of a square"]
+    imgs = torch.from_numpy(np.stack([shapes.render(shapes.METADATA[p], rng) for p in prompts]))
+    for name, factory in reward.REWARDS.items():
+        r = factory("cpu")(imgs, prompts, [{}] * 3)
+        assert r.shape == (3,) and torch.isfinite(r).all() and (r >= 0).all() and (r <= 1).all(), name
+    assert torch.equal(reward.REWARDS["shapes"]("cpu")(imgs, prompts, [{}] * 3), torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training, end to end
+# ---------------------------------------------------------------------------------------------------
+SMALL = dict(epochs=1, prompts_per_epoch=2, num_generations=4, train_batch_size=4, gradient_accumulation_steps=2,
+             num_steps=4, eval_steps=3, eval_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "p.txt"
+    path.write_text("a red circle\ntwo blue squares\na circle left of a square\na green triangle and a red square\n")
+    return str(path)
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_one_epoch_changes_every_parameter_and_is_bitwise_reproducible(tmp_path, prompt_file):
+    """A training epoch updates every trainable weight; the same seed gives identical metrics and weights."""
+    from safetensors.torch import load_file
+
+    base = {k: v.clone() for k, v in shapes.load_pretrained()[0].state_dict().items()}
+    runs = []
+    for i in range(2):
+        args = vgpo.make_args(model="tiny", prompts=prompt_file, output_dir=str(tmp_path / f"run{i}"), **SMALL)
+        history = vgpo.train(args)
+        runs.append((_strip_times(history), load_file(str(tmp_path / f"run{i}" / "transformer.safetensors"))))
+    (h0, w0), (h1, w1) = runs
+    assert h0 == h1
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    unchanged = [k for k in base if torch.equal(base[k], w0[k])]
+    assert unchanged == [], unchanged
+
+
+def test_vgpo_ablations_and_grpo_run(tmp_path, prompt_file):
+    """--algo grpo, --no-temporal-values and --anchor-coef 0 each train; GRPO logs flat credit, and without
+    temporal values only the terminal step carries reward."""
+    for name, extra in [("grpo", dict(algo="grpo")), ("notv", dict(temporal_values=False)), ("noanchor", dict(anchor_coef=0.0))]:
+        args = vgpo.make_args(model="tiny", prompts=prompt_file, output_dir=str(tmp_path / name), **{**SMALL, **extra})
+        row = vgpo.train(args)[-1]
+        if name != "noanchor":
+            assert row["credit/instant_reward"][:-1] == [0.0] * 3
+        if name == "grpo":
+            assert len(set(np.round(row["advantage/mean_abs"], 6))) == 1
+
+
+def test_command_line_as_a_user_types_it(tmp_path, prompt_file):
+    """`python vgpo.py …` runs one epoch and writes args.json, metrics.jsonl (epoch 0 = base model), grids, curves."""
+    out = tmp_path / "cli"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    proc = subprocess.run([sys.executable, "vgpo.py", *flags, "--prompts", prompt_file, "--output-dir", str(out)],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "N = P·G = 2·4 = 8" in proc.stdout and "epoch   1/1" in proc.stdout
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert "eval/strict_accuracy" in rows[0] and "eval/strict_accuracy" in rows[1] and "reward/mean" not in rows[0]
+    for key in ("reward/mean", "reward/std", "reward/frac_zero_std", "credit/instant_reward", "credit/value",
+                "credit/weight", "advantage/mean_abs", "policy/approx_kl", "policy/clip_frac", "loss/policy",
+                "loss/kl", "time/rollout_s", "time/reward_s", "time/update_s", "eval/score"):
+        assert key in rows[1], key
+    assert len(rows[1]["credit/value"]) == 4
+    assert json.loads((out / "args.json").read_text())["guidance_scale"] == 1.0
+    assert (out / "curves.png").exists() and (out / "samples" / "epoch_0000.png").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "nope"], "--model"), (["--reward", "nope"], "--reward"), (["--num-generations", "1"], "--num-generations"),
+    (["--gamma", "2"], "--gamma"), (["--prompts", "missing.txt"], "not found"), (["--epochs", "x"], "--epochs"),
+    (["--train-batch-size", "48"], "multiple"),
+])
+def test_bad_input_gets_one_line_and_exit_code_2(argv, needle, capsys):
+    """Each bad setting is one line on stderr naming the fix, exit code 2, before any model is loaded."""
+    assert vgpo.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err and "Traceback" not in err
+
+
+def test_bad_input_from_a_real_shell_and_import_is_silent():
+    """From a subprocess: `--gamma 2` exits 2 with one line; `import vgpo` prints nothing."""
+    proc = subprocess.run([sys.executable, "vgpo.py", "--gamma", "2"], cwd=HERE, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "gamma" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", "import vgpo"], cwd=HERE, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""

@@ -1,0 +1,789 @@
+"""VGPO: Value-Anchored Group Policy Optimization for flow-matching text-to-image models, in one file.
+
+Paper: Shao et al., "Anchoring Values in Temporal and Group Dimensions for Flow Matching Model
+Alignment", arXiv 2512.12387 (2025). VGPO changes Flow-GRPO (Liu et al., arXiv 2505.05470) in two
+places: every denoising step gets its own value from rewards of one-step clean-image previews (the
+temporal dimension), and the group advantage gets an absolute, value-anchored term that survives when
+all samples of a prompt score the same (the group dimension).
+
+Run:
+    python vgpo.py                      # the built-in tiny model on the shapes toy world, CPU, minutes
+    python vgpo.py --algo grpo          # the Flow-GRPO baseline, same code and budget
+    python vgpo.py --help               # every hyperparameter with its paper symbol
+
+Time runs from noise to data: σ_0 = 1 > σ_1 > … > σ_T = 0 are the scheduler's sigmas, step k maps
+x_k → x_{k+1}, the velocity is v ≈ noise − x_0 and an Euler step is x + v·dt with dt = σ_{k+1} − σ_k < 0.
+(Meta's `flow_matching` library runs time the other way; the algebra below is for this direction.)
+
+Notation (code name → paper symbol):
+    velocity v            v_θ(x_k, σ_k), eq. (1), guided with scale g (`guidance_scale`)
+    noise_level           a, the SDE's noise scale: std_k = a·sqrt(σ_k / (1 − σ_k))
+    log_probs             log π_θ(x_{k+1} | x_k), eq. (2), averaged over C·H·W
+    x0_preds              x̂0_{k+1} = x_{k+1} − σ_{k+1}·v(x_{k+1}), eq. (3) (paper Eq. 9)
+    instant_rewards r     r_k = R(x̂0_{k+1}, prompt)
+    values Q              Q_k = r_k + γ·Q_{k+1}, eq. (4) (paper Eq. 10), `gamma` = γ
+    weights ω             ω_k = Q_k / mean_k' Q_k', eq. (5) (paper Eq. 11)
+    advantages Â          ω_k·[(Q_k − μ_k)/(s_k + 1e-4) + α_k·Q̄_k], eq. (6) (paper Eqs. 12–13)
+    anchor_coef           κ, the absolute term's coefficient α_k on the first `anchor_steps` steps
+    clip_range, beta      ε of the clipped ratio, β of the KL penalty, eq. (8)
+
+Shape letters: N = P·G trajectories (P prompts per epoch, G = `num_generations` per prompt), T steps,
+(C, H, W) one latent (for the toy world the latent is the 3×32×32 image itself), B a micro-batch.
+
+Our reading where the paper is silent (each behind a flag where a careful reader could differ):
+    1. Instant rewards score the one-step prediction x̂0_{k+1} made from the velocity that step k+1
+       computes anyway: no extra transformer call, one decode + reward call per step. For the last
+       step x̂0_T = x_T, so r_{T−1} is the ordinary terminal reward.
+    2. Q_k is the discounted sum of future instant rewards with γ = 0.9 (`--gamma`; the paper's value is
+       not given).
+    3. ω_k divides by the mean of Q over all T steps of the same trajectory (the untrained last step
+       included, so ω depends on values alone); ω = 1 where that mean is ≤ 1e-8.
+    4. The absolute term is κ·Q̄_k with Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}), the discounted *mean* of future
+       rewards (back in reward units). This is the σ → 0 limit of the paper's κ·std form, with no 0/0
+       when a group is uniform. It is on for the first `anchor_steps` = 5 steps only, as the paper.
+    5. ω multiplies both terms; Â is clipped to ±`adv_clip_max`. Group std is the population std.
+    6. `--no-temporal-values` (ablation): only the terminal reward is used (r_k = 0 before the last
+       step, no previews decoded) and ω ≡ 1. `--anchor-coef 0` turns the anchor off.
+    7. The KL penalty is the exact KL of the two Gaussian steps, dt included (Flow-GRPO leaves dt out,
+       so its β corresponds to a smaller β here).
+    8. The toy preset samples without CFG (g = 1) in rollouts, training and evaluation alike: the policy
+       optimised must be the one evaluated, and RL with CFG did not learn on the toy model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+# ====================================================================================================
+# Hyperparameters
+# ====================================================================================================
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    """Every hyperparameter. Defaults are the paper's SD3.5 setting; PRESETS below overrides some of
+    them for the toy model. The command line is generated from these fields (`--num-generations` ...)."""
+
+    # run
+    model: str = _f("tiny", "model: 'tiny' (the built-in shapes model; SD3-family models arrive with the SD3 loader)")
+    algo: str = _f("vgpo", "algorithm: 'vgpo' or 'grpo' (the Flow-GRPO baseline, same code path)")
+    reward: str = _f("shapes", "reward R: a name in reward.REWARDS")
+    prompts: str = _f("shapes", "training prompts: 'shapes' (the toy world's train split) or a .txt/.jsonl file")
+    seed: int = _f(0, "random seed (prompts, noise, shuffling)")
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    output_dir: str = _f("", "output folder (default runs/<algo>-<seed>-<timestamp>)")
+    epochs: int = _f(100, "number of epochs: one rollout of P×G trajectories and its updates each")
+    eval_every: int = _f(10, "evaluate on held-out prompts every this many epochs (also at 0 and at the end)")
+    # sampling
+    num_generations: int = _f(8, "G, trajectories per prompt (group size)")
+    prompts_per_epoch: int = _f(8, "P, distinct prompts per epoch (N = P·G trajectories)")
+    num_steps: int = _f(10, "T, denoising steps in a rollout")
+    eval_steps: int = _f(40, "ODE steps when evaluating")
+    guidance_scale: float = _f(4.5, "g, classifier-free guidance scale, eq. (1); the same in RL and evaluation")
+    noise_level: float = _f(0.7, "a, SDE noise scale: std_k = a·sqrt(σ_k/(1−σ_k)), eq. (2)")
+    # VGPO
+    gamma: float = _f(0.9, "γ, discount of instant rewards in Q_k = r_k + γ·Q_{k+1}, eq. (4)")
+    anchor_coef: float = _f(1.0, "κ, coefficient α_k of the absolute (anchored) advantage term, eq. (6); 0 = off")
+    anchor_steps: int = _f(5, "number of first steps on which the absolute term is on, eq. (6)")
+    temporal_values: bool = _f(True, "use instant rewards and step weights ω (off: terminal reward only, ω ≡ 1)")
+    # GRPO
+    scale_rewards: str = _f("group", "GRPO advantage scaling, eq. (7): 'group', 'batch' or 'none'")
+    # optimisation
+    adv_clip_max: float = _f(5.0, "advantages are clipped to ±this, eq. (6)/(7)")
+    clip_range: float = _f(1e-4, "ε, ratio clip range, eq. (8) (small: the log-prob is averaged over dims)")
+    beta: float = _f(0.004, "β, KL penalty weight, eq. (8) (Flow-GRPO's 0.04 without dt ≈ 0.004 with dt)")
+    learning_rate: float = _f(3e-4, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip")
+    train_batch_size: int = _f(8, "B, micro-batch of trajectories, the same in rollout and training")
+    gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step")
+    eval_batch_size: int = _f(16, "images per batch when evaluating")
+
+
+# The toy preset: applied when --model tiny, for every field the user did not set. Why each differs:
+PRESETS = {
+    "tiny": dict(
+        guidance_scale=1.0,  # RL with CFG 4 did not learn on the toy model, and gains at g = 1 barely carried
+        #                      over to CFG-4 sampling: the guided policy must be the one optimised (interp. 8)
+        learning_rate=1e-4,  # all 2.3 M weights are fine-tuned (no LoRA): a smaller step than LoRA's 3e-4
+        clip_range=1e-3,  # 3 072 pixel dimensions instead of SD3.5's 65 536 latent ones: the averaged
+        #                   log-prob moves more per update, so the ratio needs a wider band
+        beta=0.0,  # no KL: 30 epochs are too short to drift far, and it saves a reference forward pass
+        eval_steps=20,  # the toy model's ODE samples stop improving at ~20 steps (SD3.5: 40)
+        epochs=30,  # fits the ≤ 10 min CPU budget
+        prompts_per_epoch=16,  # 16 prompts × 8 = 128 trajectories: a cheap epoch with many groups
+        train_batch_size=32,  # the CPU is faster on bigger batches; 4 micro-batches per epoch
+        gradient_accumulation_steps=2,  # 2 optimizer steps per epoch, as Flow-GRPO
+        eval_batch_size=128,
+    ),
+}
+MODELS = ("tiny",)  # SD3-family ids join this list with the SD3 loader
+EVAL_SEED = 1234  # evaluation noise is the same at every evaluation and in every run (common random numbers)
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its files: printed as one line, exit code 2."""
+
+
+def make_args(**overrides) -> Args:
+    """Args for `overrides["model"]` with its preset applied, then `overrides` (what the user set)."""
+    model = overrides.get("model", Args.model)
+    values = {**PRESETS.get(model if model in PRESETS else "", {}), **overrides}
+    unknown = set(values) - {f.name for f in dataclasses.fields(Args)}
+    if unknown:
+        raise UsageError(f"unknown setting(s) {sorted(unknown)}")
+    return Args(**values)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other usage error
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv=None) -> Args:
+    """The command line, generated from the Args fields: `--field-name VALUE`, `--flag/--no-flag`."""
+    p = _Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        ftype = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+        tiny = f"; tiny: {PRESETS['tiny'][f.name]}" if f.name in PRESETS["tiny"] else ""
+        help = f"{f.metadata['help']} (default: {f.default!r}{tiny})"
+        if ftype is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            p.add_argument(flag, type=ftype, help=help, metavar=f.name.upper())
+    return make_args(**vars(p.parse_args(argv)))
+
+
+def validate(args: Args) -> None:
+    """Reject bad settings with a message that says what to do, before anything heavy is loaded."""
+    import reward
+
+    checks = [
+        (args.model in MODELS, f"unknown --model {args.model!r}: use 'tiny' (SD3-family models are not wired in yet)"),
+        (args.algo in ("vgpo", "grpo"), f"unknown --algo {args.algo!r}: use 'vgpo' or 'grpo'"),
+        (args.reward in reward.REWARDS, f"unknown --reward {args.reward!r}: choose one of {', '.join(reward.REWARDS)}"),
+        (args.num_generations >= 2, "--num-generations must be ≥ 2: group-relative advantages need a group"),
+        (0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}"),
+        (args.num_steps >= 2, "--num-steps must be ≥ 2 (the last step is not trained)"),
+        (args.eval_steps >= 1, "--eval-steps must be ≥ 1"),
+        (0 <= args.anchor_steps <= args.num_steps, f"--anchor-steps must be in [0, {args.num_steps}]"),
+        (args.noise_level > 0, "--noise-level must be > 0: the policy needs a stochastic step to have log-probs"),
+        (args.clip_range > 0, "--clip-range must be > 0"),
+        (args.beta >= 0 and args.anchor_coef >= 0, "--beta and --anchor-coef must be ≥ 0"),
+        (args.scale_rewards in ("group", "batch", "none"), "--scale-rewards must be 'group', 'batch' or 'none'"),
+        (args.epochs >= 1 and args.eval_every >= 1, "--epochs and --eval-every must be ≥ 1"),
+        (args.prompts_per_epoch >= 1 and args.train_batch_size >= 1 and args.gradient_accumulation_steps >= 1
+         and args.eval_batch_size >= 1, "batch sizes and --prompts-per-epoch must be ≥ 1"),
+        (args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(),
+         f"--device {args.device!r} is not available here: use 'cpu' or 'auto'"),
+        (args.prompts == "shapes" or os.path.isfile(args.prompts),
+         f"--prompts file {args.prompts!r} not found: give a .txt (one prompt per line) or .jsonl file, or 'shapes'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    n = args.prompts_per_epoch * args.num_generations
+    per_step = args.train_batch_size * args.gradient_accumulation_steps
+    if n % per_step:
+        raise UsageError(f"N = prompts_per_epoch×num_generations = {n} must be a multiple of "
+                         f"train_batch_size×gradient_accumulation_steps = {per_step}")
+
+
+# ====================================================================================================
+# Model loading (plumbing)
+# ====================================================================================================
+
+
+@dataclass
+class Model:
+    """What the algorithm needs of a text-to-image flow model."""
+
+    transformer: torch.nn.Module  # v_θ(x, σ, prompt), the trained policy
+    encode: Callable  # prompts -> (sequence (B, L, D), pooled (B, D)), cached
+    decode: Callable  # latents (B, C, H, W) -> images (B, 3, H', W') in [0, 1]
+    scheduler: object  # FlowMatchEulerDiscreteScheduler: gives the sigmas
+    latent_shape: tuple  # (C, H, W)
+    reference: torch.nn.Module | None = None  # frozen v_ref for the KL term (None when β = 0)
+    device: str = "cpu"
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """σ_0 = 1 > … > σ_T = 0, (T+1,) in fp32, exactly the scheduler's."""
+        self.scheduler.set_timesteps(num_steps)
+        return self.scheduler.sigmas.float().to(self.device)
+
+
+def resolve_device(args: Args) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+
+def load_model(args: Args, checkpoint: str | None = None) -> Model:
+    """The model bundle for `args.model`: transformer, reference, cached prompt encoder, decoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    device = resolve_device(args)
+    if args.model == "tiny":
+        import shapes
+
+        transformer, encoder = shapes.load_pretrained(checkpoint or shapes.CHECKPOINT, device)
+        encoder.requires_grad_(False)
+        # Pixel space: the "latent" is the image in [-1, 1], so decoding is a rescale.
+        decode = lambda x: ((x.float() + 1) / 2).clamp(0, 1)  # noqa: E731
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # no resolution shift at 32×32
+        latent_shape = (3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+    else:
+        # ---- the SD3 loader goes here (SD3.5-M / -L with LoRA via peft, bf16, cached T5/CLIP prompts) ----
+        raise UsageError(f"unknown --model {args.model!r}: use 'tiny'")
+    # Full fine-tuning keeps a frozen copy as the reference policy (with LoRA it will be the adapter off).
+    reference = copy.deepcopy(transformer).requires_grad_(False) if args.beta > 0 else None
+    cache: dict[str, tuple] = {}
+
+    @torch.no_grad()
+    def encode(prompts: list[str]):
+        """Prompts are encoded once and cached: the prompt encoder is frozen during RL."""
+        missing = sorted({p for p in prompts if p not in cache})
+        if missing:
+            seq, pooled = encoder(missing)
+            cache.update({p: (s, q) for p, s, q in zip(missing, seq, pooled)})
+        return torch.stack([cache[p][0] for p in prompts]), torch.stack([cache[p][1] for p in prompts])
+
+    return Model(transformer, encode, decode, scheduler, latent_shape, reference, device)
+
+
+def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """(train, eval) lists of (prompt, metadata). A .jsonl line is {"prompt": ..., other fields = metadata}."""
+    import shapes
+
+    if args.prompts == "shapes":
+        train = [(p, shapes.METADATA[p]) for p in shapes.TRAIN_PROMPTS]
+        return train, [(p, shapes.METADATA[p]) for p in shapes.eval_prompt_list()]
+    with open(args.prompts) as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    if args.prompts.endswith(".jsonl"):
+        rows = [json.loads(ln) for ln in lines]
+        train = [(r.pop("prompt"), r) for r in rows]
+    else:
+        train = [(ln, {}) for ln in lines]
+    if len(train) < args.prompts_per_epoch:
+        raise UsageError(f"{args.prompts} has {len(train)} prompts, fewer than --prompts-per-epoch {args.prompts_per_epoch}")
+    return train, train  # no split given: evaluate on the training prompts
+
+
+def sample_prompts(train: list, count: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
+    """`count` distinct prompts; for the shapes world every GenEval category is equally likely."""
+    import shapes
+
+    weights = None
+    if all(p in shapes.METADATA for p, _ in train):
+        weights = shapes.sampling_weights([p for p, _ in train])
+    return [train[i] for i in rng.choice(len(train), size=count, replace=False, p=weights)]
+
+
+# ====================================================================================================
+# §1  The SDE step with log-probability, and the rollout
+# ====================================================================================================
+
+
+def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
+    """Eq. (1): v = v_u + g·(v_c − v_u), in fp32. x (B, C, H, W); cond/uncond = (seq, pooled).
+    With g = 1 only the conditional pass is run."""
+    t = (sigma * 1000).expand(x.shape[0])  # diffusers' SD3 takes timestep = 1000·σ
+    if guidance_scale == 1.0:
+        return net(x, encoder_hidden_states=cond[0], pooled_projections=cond[1], timestep=t, return_dict=False)[0].float()
+    out = net(torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
+              pooled_projections=torch.cat([uncond[1], cond[1]]), timestep=torch.cat([t, t]), return_dict=False)[0]
+    v_u, v_c = out.float().chunk(2)
+    return v_u + guidance_scale * (v_c - v_u)
+
+
+def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
+    """Eq. (2): one Euler–Maruyama step of Flow-GRPO's marginal-preserving reverse SDE, and its log-prob.
+
+    velocity, sample: (B, C, H, W); sigma, sigma_next: floats or 0-d tensors (σ_k, σ_{k+1}).
+    Returns (next_sample, log_prob (B,), mean (B, C, H, W), std) where std = std_k·sqrt(−dt) is the
+    standard deviation of the step. With `prev_sample` given, that sample is scored instead of drawn.
+    With noise_level 0 the step is the deterministic Euler step x + v·dt and log_prob is 0.
+    """
+    v, x = velocity.float(), sample.float()  # fp32: std² and the log-density overflow/underflow in bf16
+    sigma, sigma_next = torch.as_tensor(sigma, dtype=torch.float32), torch.as_tensor(sigma_next, dtype=torch.float32)
+    dt = sigma_next - sigma  # < 0
+    # (2a) std_k = a·sqrt(σ/(1−σ)); at σ = 1 (first step) Flow-GRPO puts 1 − σ_{k+1} in the denominator
+    denom = 1 - torch.where(sigma >= 1, sigma_next, sigma)
+    std_k = noise_level * torch.sqrt(sigma / denom)
+    # (2b) mean = x + [v + std²/(2σ)·(x + (1−σ)·v)]·dt   (the score term keeps the marginals of the ODE)
+    mean = x + (v + std_k**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+    std = std_k * torch.sqrt(-dt)
+    if noise_level == 0:
+        return mean, torch.zeros(x.shape[0], device=x.device), mean, std
+    # (2c) x_{k+1} = mean + std·ε
+    if prev_sample is None:
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        prev_sample = mean + std * eps
+    prev_sample = prev_sample.float().detach()
+    # (2d) Gaussian log-density, averaged (not summed) over C·H·W so that its scale does not grow with
+    # resolution: the ratio exp(Δ log π) then moves by ~1e-4 per update and ε is chosen at that scale.
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std
+
+
+@dataclass
+class Trajectories:
+    """One batch of rollouts. k indexes steps; x0_preds[:, k] is x̂0_{k+1}, the preview after step k."""
+
+    latents: torch.Tensor  # (N, T+1, C, H, W), x_0 = noise … x_T
+    log_probs: torch.Tensor  # (N, T) log π_old(x_{k+1} | x_k); the last, deterministic step is 0
+    x0_preds: torch.Tensor  # (N, T, C, H, W)
+    sigmas: torch.Tensor  # (T+1,)
+    images: torch.Tensor  # (N, 3, H', W') in [0, 1]
+    prompts: list  # N strings
+    group_ids: torch.Tensor  # (N,) long: the index of the trajectory's prompt
+
+
+def _progress(total, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # silent when not a TTY
+
+
+@torch.no_grad()
+def sample(model: Model, prompts: list[str], num_steps: int, noise_level: float, guidance_scale: float,
+           batch_size: int, generator=None, noise=None, record: bool = True, desc: str = "rollout"):
+    """Sample one image per prompt in micro-batches of `batch_size`: SDE steps 0…T−2, a plain Euler step
+    T−1. Returns (images, latents, log_probs, x0_preds, sigmas); the last three are None unless `record`."""
+    n, (c, h, w), T = len(prompts), model.latent_shape, num_steps
+    sigmas = model.sigmas(T)  # (T+1,)
+    if noise is None:
+        noise = torch.randn((n, c, h, w), generator=generator, device=model.device)
+    latents = torch.empty((n, T + 1, c, h, w), device=model.device) if record else None
+    x0_preds = torch.empty((n, T, c, h, w), device=model.device) if record else None
+    log_probs = torch.zeros((n, T), device=model.device) if record else None
+    images = []
+    bar = _progress(math.ceil(n / batch_size) * T, desc)
+    for s in range(0, n, batch_size):
+        b = slice(s, s + batch_size)
+        x = noise[b].float()  # (B, C, H, W)
+        cond = model.encode(prompts[b])
+        uncond = model.encode([""] * x.shape[0]) if guidance_scale != 1.0 else None
+        for k in range(T):
+            if record:
+                latents[b, k] = x
+            v = guided_velocity(model.transformer, x, sigmas[k], cond, uncond, guidance_scale)  # (B, C, H, W)
+            if record and k > 0:  # eq. (3): the velocity at step k also gives the preview x̂0_k = x_k − σ_k·v_k
+                x0_preds[b, k - 1] = x - sigmas[k] * v
+            if k < T - 1:
+                x, lp, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
+                if record:
+                    log_probs[b, k] = lp
+            else:  # σ_T = 0: a plain Euler step, no noise, not trained
+                x = x + (sigmas[k + 1] - sigmas[k]) * v
+            bar.update()
+        if record:
+            latents[b, T], x0_preds[b, T - 1] = x, x  # x̂0_T = x_T
+        images.append(model.decode(x))
+    bar.close()
+    return torch.cat(images), latents, log_probs, x0_preds, sigmas
+
+
+def rollout(model: Model, prompts: list[str], args: Args, generator=None, noise=None) -> Trajectories:
+    """P distinct prompts, each sampled G = args.num_generations times with the SDE (N = P·G)."""
+    expanded = [p for p in prompts for _ in range(args.num_generations)]
+    group_ids = torch.arange(len(prompts)).repeat_interleave(args.num_generations).to(model.device)  # (N,)
+    images, latents, log_probs, x0_preds, sigmas = sample(
+        model, expanded, args.num_steps, args.noise_level, args.guidance_scale, args.train_batch_size,
+        generator=generator, noise=noise)
+    return Trajectories(latents, log_probs, x0_preds, sigmas, images, expanded, group_ids)
+
+
+# ====================================================================================================
+# §2  Temporal values: instant rewards → discounted values → step weights
+# ====================================================================================================
+
+
+@torch.no_grad()
+def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[dict], previews: bool,
+                    batch_size: int = 256) -> torch.Tensor:
+    """Eq. (3): r_k = R(decode(x̂0_{k+1}), prompt), (N, T). With previews=False only the terminal reward
+    is computed and r_k = 0 for k < T−1 (GRPO, and the no-temporal-values ablation)."""
+    n, T = traj.log_probs.shape
+    r = torch.zeros((n, T), device=model.device)
+    if not previews:
+        r[:, -1] = _checked(reward_fn(traj.images, traj.prompts, metadata), "terminal")
+        return r
+    flat = traj.x0_preds.flatten(0, 1)  # (N·T, C, H, W), trajectory-major
+    prompts = [p for p in traj.prompts for _ in range(T)]
+    metas = [m for m in metadata for _ in range(T)]
+    out = [reward_fn(model.decode(flat[s : s + batch_size]), prompts[s : s + batch_size], metas[s : s + batch_size])
+           for s in range(0, len(flat), batch_size)]
+    return _checked(torch.cat(out), "instant").to(model.device).view(n, T)
+
+
+def _checked(r, what):
+    if not torch.isfinite(r).all():
+        raise RuntimeError(f"the reward returned NaN/inf for {int((~torch.isfinite(r)).sum())} {what} images: "
+                           "check the reward model and its inputs")
+    return r.float()
+
+
+def temporal_values(instant_rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eq. (4) (paper Eq. 10): Q_{T−1} = r_{T−1}, Q_k = r_k + γ·Q_{k+1}. (N, T) → (N, T)."""
+    q = torch.zeros_like(instant_rewards)
+    running = torch.zeros_like(instant_rewards[:, 0])  # (N,)
+    for k in reversed(range(instant_rewards.shape[1])):
+        running = instant_rewards[:, k] + gamma * running
+        q[:, k] = running
+    return q
+
+
+def step_weights(values: torch.Tensor) -> torch.Tensor:
+    """Eq. (5) (paper Eq. 11): ω_k = Q_k / mean_k' Q_k' over the trajectory's T steps; 1 where that mean
+    is ≤ 1e-8 (a trajectory with no reward has no preferred step). (N, T) → (N, T)."""
+    mean = values.mean(dim=1, keepdim=True)  # (N, 1)
+    return torch.where(mean > 1e-8, values / mean.clamp_min(1e-8), torch.ones_like(values))
+
+
+# ====================================================================================================
+# §3  Advantages: VGPO's anchored advantage beside GRPO's group-relative one
+# ====================================================================================================
+
+
+def _group_normalize(x: torch.Tensor, group_ids: torch.Tensor, scale: str = "group") -> torch.Tensor:
+    """(x − group mean) / (std + 1e-4), per column. x (N,) or (N, T). The 1e-4 keeps a uniform group at
+    0 instead of 0/0. `scale`: 'group' std, 'batch' std (Flow-GRPO's global_std) or 'none' (no division)."""
+    centred, std = torch.empty_like(x), torch.empty_like(x)
+    for g in group_ids.unique():
+        m = group_ids == g
+        centred[m] = x[m] - x[m].mean(dim=0)
+        std[m] = x[m].std(dim=0, unbiased=False)  # population std, as Flow-GRPO's np.std
+    if scale == "batch":
+        std = x.std(dim=0, unbiased=False).expand_as(x)
+    return centred if scale == "none" else centred / (std + 1e-4)
+
+
+def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_clip_max, weights=None):
+    """Eq. (6) (paper Eqs. 12–13): Â_k = ω_k·[(Q_k − μ_k)/(s_k + 1e-4) + α_k·Q̄_k], clipped to ±adv_clip_max.
+
+    values Q (N, T); group_ids (N,); weights ω (N, T), computed by step_weights(values) when None.
+    μ_k, s_k: mean and std of Q_k over the group. Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}) is the discounted mean
+    of future rewards (Q_k/(T − k) for γ = 1); α_k = κ on the first `anchor_steps` steps, else 0.
+    """
+    n, T = values.shape
+    k = torch.arange(T, device=values.device, dtype=values.dtype)  # (T,)
+    relative = _group_normalize(values, group_ids)  # (N, T): 0 for a uniform group
+    horizon = T - k  # number of future rewards summed in Q_k
+    norm = horizon if gamma == 1 else (1 - gamma**horizon) / (1 - gamma)  # Σ_{j<T−k} γ^j
+    alpha = torch.where(k < anchor_steps, anchor_coef, 0.0)  # (T,)
+    absolute = alpha * values / norm  # (N, T): α_k·Q̄_k, in reward units
+    if weights is None:
+        weights = step_weights(values)
+    return (weights * (relative + absolute)).clamp(-adv_clip_max, adv_clip_max)
+
+
+def grpo_advantages(rewards, group_ids, scale_rewards, adv_clip_max, num_steps):
+    """Eq. (7): Â^i = (R^i − mean_group R)/(std + 1e-4), the same for all T steps. (N,) → (N, T)."""
+    adv = _group_normalize(rewards, group_ids, scale_rewards).clamp(-adv_clip_max, adv_clip_max)  # (N,)
+    return adv.unsqueeze(1).expand(-1, num_steps).contiguous()
+
+
+# ====================================================================================================
+# §4  The clipped policy loss with KL, and the update over one rollout
+# ====================================================================================================
+
+
+def policy_loss(log_probs, log_probs_old, advantages, clip_range, kl=None, beta=0.0):
+    """Eq. (8): L = mean(max(−Â·ρ, −Â·clip(ρ, 1 − ε, 1 + ε))) + β·mean(KL), ρ = exp(log π_θ − log π_old).
+    All arguments (B,) for one trained step. Returns (loss, stats)."""
+    ratio = torch.exp(log_probs - log_probs_old)  # (B,), 1 on-policy
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    l_clip = torch.maximum(unclipped, clipped).mean()  # pessimistic: no gain from moving ρ past the band
+    l_kl = kl.mean() if kl is not None else torch.zeros((), device=ratio.device)
+    stats = {
+        "policy/approx_kl": 0.5 * ((log_probs - log_probs_old) ** 2).mean().item(),
+        "policy/clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+        "loss/policy": l_clip.item(),
+        "loss/kl": l_kl.item(),
+    }
+    return l_clip + beta * l_kl, stats
+
+
+def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, generator=None) -> dict:
+    """Eq. (9): shuffle the N trajectories into micro-batches; for each micro-batch and trained step k
+    (0…T−2): forward, loss, backward; an optimizer step every `gradient_accumulation_steps` micro-batches."""
+    n, T = traj.log_probs.shape
+    trained, accum = T - 1, args.gradient_accumulation_steps
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    perm = torch.randperm(n, generator=generator).to(model.device)
+    stats = defaultdict(list)
+    bar = _progress(math.ceil(n / args.train_batch_size) * trained, "update")
+    for i, idx in enumerate(perm.split(args.train_batch_size)):
+        prompts = [traj.prompts[j] for j in idx.tolist()]
+        cond = model.encode(prompts)
+        uncond = model.encode([""] * len(prompts)) if args.guidance_scale != 1.0 else None
+        for k in range(trained):
+            x, x_next, sigma, sigma_next = traj.latents[idx, k], traj.latents[idx, k + 1], traj.sigmas[k], traj.sigmas[k + 1]
+            v = guided_velocity(model.transformer, x, sigma, cond, uncond, args.guidance_scale)
+            _, log_prob, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, args.noise_level, prev_sample=x_next)
+            kl = None
+            if args.beta > 0:  # exact KL of two Gaussians with the same std: |Δmean|²/(2·std²), averaged over dims
+                with torch.no_grad():
+                    v_ref = guided_velocity(model.reference, x, sigma, cond, uncond, args.guidance_scale)
+                    _, _, mean_ref, _ = sde_step_with_logprob(v_ref, x, sigma, sigma_next, args.noise_level, prev_sample=x_next)
+                kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
+            loss, s = policy_loss(log_prob, traj.log_probs[idx, k], advantages[idx, k], args.clip_range, kl, args.beta)
+            (loss / (trained * accum)).backward()  # the optimizer step sees the mean over steps and micro-batches
+            for key, val in s.items():
+                stats[key].append(val)
+            bar.update()
+        if (i + 1) % accum == 0:
+            stats["policy/grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    bar.close()
+    return {key: float(np.mean(v)) for key, v in stats.items()}
+
+
+# ====================================================================================================
+# §5  Training loop
+# ====================================================================================================
+
+
+def train(args: Args) -> list[dict]:
+    """The whole method: per epoch rollout → rewards → values → advantages → update. Returns the metric rows."""
+    import reward
+
+    validate(args)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)  # which prompts each epoch
+    out_dir = open_run_dir(args)
+    model = load_model(args)
+    reward_fn = reward.REWARDS[args.reward](model.device)
+    train_set, eval_set = load_prompts(args)
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    rollout_gen = torch.Generator(model.device).manual_seed(args.seed)  # start noise and SDE noise
+    shuffle_gen = torch.Generator().manual_seed(args.seed + 1)  # micro-batch order
+    print_startup_box(args, model, params, out_dir)
+
+    history = [{"epoch": 0, **evaluate(model, args, reward_fn, eval_set, out_dir, epoch=0)}]  # the base model
+    log_row(out_dir, history[-1])
+    use_previews = args.algo == "vgpo" and args.temporal_values
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
+        traj = rollout(model, [p for p, _ in chosen], args, generator=rollout_gen)  # eqs. (1)–(2)
+        metadata = [m for _, m in chosen for _ in range(args.num_generations)]
+        t1 = time.time()
+        r = instant_rewards(model, traj, reward_fn, metadata, previews=use_previews)  # eq. (3), (N, T)
+        t2 = time.time()
+        if args.algo == "vgpo":
+            values = temporal_values(r, args.gamma)  # eq. (4)
+            weights = step_weights(values) if args.temporal_values else torch.ones_like(values)  # eq. (5)
+            adv = vgpo_advantages(values, traj.group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
+                                  args.adv_clip_max, weights=weights)  # eq. (6)
+        else:
+            values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)  # GRPO credits every step alike
+            adv = grpo_advantages(r[:, -1], traj.group_ids, args.scale_rewards, args.adv_clip_max, args.num_steps)  # eq. (7)
+        t3 = time.time()
+        stats = update(model, traj, adv, optimizer, args, shuffle_gen)  # eqs. (8)–(9)
+        row = {"epoch": epoch, **epoch_metrics(r, values, weights, adv, traj.group_ids), **stats,
+               "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
+               "time/epoch_s": time.time() - t0}
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            row.update(evaluate(model, args, reward_fn, eval_set, out_dir, epoch=epoch))
+        history.append(row)
+        log_row(out_dir, row)
+        print(summary_line(row, args.epochs), flush=True)
+
+    finish_run(model, history, out_dir)
+    return history
+
+
+def epoch_metrics(r, values, weights, adv, group_ids) -> dict:
+    """The SPEC §3 'Logged' keys of one rollout; per-step vectors are lists over k = 0…T−1."""
+    terminal = r[:, -1]  # (N,)
+    groups = [terminal[group_ids == g] for g in group_ids.unique()]
+    return {
+        "reward/mean": terminal.mean().item(),
+        "reward/std": float(np.mean([g.std(unbiased=False).item() for g in groups])),  # within-group spread
+        "reward/frac_zero_std": float(np.mean([(g.max() - g.min()).item() < 1e-6 for g in groups])),
+        "credit/instant_reward": r.mean(0).tolist(),
+        "credit/value": values.mean(0).tolist(),
+        "credit/weight": weights.mean(0).tolist(),
+        "advantage/mean_abs": adv.abs().mean(0).tolist(),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, out_dir=None, epoch=None) -> dict:
+    """Eq. (10): ODE sampling (a = 0), `eval_steps`, held-out prompts, the same guidance as in training,
+    the same starting noise every time. Returns {'eval/score': …, 'eval/strict_accuracy': …, …}."""
+    import reward
+
+    t0 = time.time()
+    reward_fn = reward_fn or reward.REWARDS[args.reward](model.device)
+    eval_set = eval_set or load_prompts(args)[1]
+    prompts, metas = [p for p, _ in eval_set], [m for _, m in eval_set]
+    gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
+    images = sample(model, prompts, args.eval_steps, 0.0, args.guidance_scale, args.eval_batch_size,
+                    generator=gen, record=False, desc="eval")[0]
+    scores = reward_fn.metrics(images, prompts, metas) if hasattr(reward_fn, "metrics") else \
+        {"score": reward_fn(images, prompts, metas).mean().item()}
+    if out_dir:  # a grid of the first images of up to 8 distinct prompts
+        firsts = {}
+        for i, p in enumerate(prompts):
+            firsts.setdefault(p, []).append(i)
+        rows = [idx[:6] for idx in list(firsts.values())[:: max(1, len(firsts) // 8)][:8]]
+        save_grid(images, prompts, rows, os.path.join(out_dir, "samples", f"epoch_{epoch:04d}.png"))
+    return {f"eval/{k}": v for k, v in scores.items()} | {"time/eval_s": time.time() - t0}
+
+
+# ====================================================================================================
+# Run outputs (plumbing): folder, metrics, sample grids, curves, console
+# ====================================================================================================
+
+
+def open_run_dir(args: Args) -> str:
+    out = args.output_dir or os.path.join("runs", f"{args.algo}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):
+        raise UsageError(f"{out} already holds a run: choose another --output-dir")
+    try:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
+    except OSError as e:
+        raise UsageError(f"cannot write to --output-dir {out!r}: {e.strerror}") from None
+    return out
+
+
+def log_row(out_dir: str, row: dict) -> None:
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def save_grid(images, prompts, rows, path) -> None:
+    """One row per prompt (its first samples), the prompt written to the left. images (N, 3, H, W)."""
+    from PIL import Image, ImageDraw
+
+    scale, label_w = 3, 260
+    h, w = images.shape[2] * scale, images.shape[3] * scale
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + cols * (w + 2), len(rows) * (h + 2)), (40, 40, 40))
+    draw = ImageDraw.Draw(grid)
+    for y, idx in enumerate(rows):
+        draw.text((4, y * (h + 2) + h // 2 - 6), prompts[idx[0]], fill=(230, 230, 230))
+        for x, i in enumerate(idx):
+            arr = (images[i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            tile = Image.fromarray(arr).resize((w, h), Image.NEAREST)
+            grid.paste(tile, (label_w + x * (w + 2), y * (h + 2)))
+    grid.save(path)
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+    """curves.png: reward and held-out accuracy by epoch; per-step credit and mean |Â| of the last epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    trained = [r for r in history if "reward/mean" in r]
+    evals = [r for r in history if "eval/score" in r]
+    ax[0].plot([r["epoch"] for r in trained], [r["reward/mean"] for r in trained], label="train reward (terminal)")
+    for key in ("eval/score", "eval/strict_accuracy"):
+        if key in evals[0]:
+            ax[0].plot([r["epoch"] for r in evals], [r[key] for r in evals], "o-", label=f"held-out {key[5:]}")
+    ax[0].set(xlabel="epoch", title="reward and held-out accuracy")
+    ax[0].legend()
+    if trained:
+        last = trained[-1]
+        for key in ("credit/instant_reward", "credit/value", "credit/weight"):
+            ax[1].plot(last[key], "o-", label=key.split("/")[1])
+        ax[1].set(xlabel="step k", title=f"per-step credit, epoch {last['epoch']}")
+        ax[1].legend()
+        ax[2].bar(range(len(last["advantage/mean_abs"])), last["advantage/mean_abs"])
+        ax[2].set(xlabel="step k (last is not trained)", title="mean |advantage| by step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def finish_run(model: Model, history: list[dict], out_dir: str) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
+    save_file(state, os.path.join(out_dir, "transformer.safetensors"))
+    plot_curves(history, os.path.join(out_dir, "curves.png"))
+    first, last = history[0], history[-1]
+    if "eval/strict_accuracy" in first:
+        print(f"held-out strict accuracy {first['eval/strict_accuracy']:.3f} → {last['eval/strict_accuracy']:.3f}; "
+              f"outputs in {out_dir}")
+
+
+def print_startup_box(args: Args, model: Model, params, out_dir: str) -> None:
+    """The derived numbers, to double-check before a long run."""
+    n = args.prompts_per_epoch * args.num_generations
+    micro = n // args.train_batch_size
+    lines = [
+        f"VGPO reference run: --algo {args.algo}, --model {args.model}, --reward {args.reward}, device {model.device}",
+        f"N = P·G = {args.prompts_per_epoch}·{args.num_generations} = {n} trajectories per epoch, T = {args.num_steps} steps "
+        f"({args.num_steps - 1} trained), guidance g = {args.guidance_scale}",
+        f"{micro} micro-batches of {args.train_batch_size}, {micro // args.gradient_accumulation_steps} optimizer steps "
+        f"per epoch, {args.epochs} epochs",
+        f"trainable parameters {sum(p.numel() for p in params) / 1e6:.2f} M, lr {args.learning_rate}, "
+        f"ε = {args.clip_range}, β = {args.beta}",
+    ]
+    if args.algo == "vgpo":
+        lines.append(f"γ = {args.gamma}, κ = {args.anchor_coef} on the first {args.anchor_steps} steps, "
+                     f"temporal values {'on' if args.temporal_values else 'off'}")
+    lines.append(f"outputs: {out_dir}")
+    width = max(len(s) for s in lines)
+    print("┌" + "─" * (width + 2) + "┐\n" + "\n".join(f"│ {s:<{width}} │" for s in lines) + "\n└" + "─" * (width + 2) + "┘",
+          flush=True)
+
+
+def summary_line(row: dict, epochs: int) -> str:
+    s = (f"epoch {row['epoch']:3d}/{epochs} | reward {row['reward/mean']:.3f} (in-group std {row['reward/std']:.3f}, "
+         f"zero-std {row['reward/frac_zero_std']:.2f}) | |Â| {np.mean(row['advantage/mean_abs'][:-1]):.3f} | "
+         f"clip {row['policy/clip_frac']:.3f} | {row['time/epoch_s']:.1f} s")
+    if "eval/strict_accuracy" in row:
+        s += f" | held-out strict {row['eval/strict_accuracy']:.3f}"
+    elif "eval/score" in row:
+        s += f" | held-out score {row['eval/score']:.3f}"
+    return s
+
+
+# ====================================================================================================
+# Entry point
+# ====================================================================================================
+
+
+def main(argv=None) -> int:
+    try:
+        train(parse_args(argv))
+    except UsageError as e:
+        print(f"vgpo.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vgpo.py: interrupted; metrics so far are in the run's metrics.jsonl", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
