@@ -22,7 +22,13 @@ import torch
 
 
 def shapes_reward(device="cpu"):
-    """The toy world's exact verifier: GenEval-style partial credit (fraction of requirements met)."""
+    """The toy world's exact verifier: ½·(partial credit) + ½·(strict 0/1 score), in [0, 1].
+
+    Partial credit alone (the fraction of GenEval-style checks passed) can be raised by giving up one
+    check for another: measured here, RL on it raised held-out partial credit 0.53 → 0.58 while strict
+    accuracy fell 0.25 → 0.17 (extra objects satisfy "is there a red circle" and only cost the clean
+    check). Paying half of the reward for getting everything right keeps the partial signal and makes
+    the whole prompt the thing worth learning."""
     import shapes
 
     def metas_of(prompts, metadata):
@@ -30,14 +36,14 @@ def shapes_reward(device="cpu"):
         return [m if m and "category" in m else shapes.parse_prompt(p) for p, m in zip(prompts, metadata)]
 
     def fn(images, prompts, metadata):
-        partial, _ = shapes.verify(images, metas_of(prompts, metadata))
-        return torch.from_numpy(partial)
+        partial, strict = shapes.verify(images, metas_of(prompts, metadata))
+        return torch.from_numpy(0.5 * partial + 0.5 * strict)
 
     def metrics(images, prompts, metadata):
         metas = metas_of(prompts, metadata)
         partial, strict = shapes.verify(images, metas)
         cats = np.array([m["category"] for m in metas])
-        out = {"score": float(partial.mean())}
+        out = {"score": float((0.5 * partial + 0.5 * strict).mean()), "partial_credit": float(partial.mean())}
         per_cat = {c: float(strict[cats == c].mean()) for c in shapes.CATEGORIES if (cats == c).any()}
         out["strict_accuracy"] = float(np.mean(list(per_cat.values())))  # GenEval: mean over categories
         out.update({f"strict/{c}": v for c, v in per_cat.items()})

@@ -6,13 +6,14 @@ that the RL code in `vgpo.py` takes the same path it takes on SD3.5:
 
 - a scene grammar with GenEval's six categories (single object, two objects, counting, colours,
   position, colour attribution) over circles, squares and triangles in red, green, blue and yellow;
-- a renderer that draws random 32x32 scenes matching a prompt (the pretraining data);
+- a renderer that draws random 32x32 scenes matching a prompt (the pretraining data): the image is a
+  4x4 grid of 8-pixel cells, each holding at most one 6-pixel object, and a cell is one token of the model;
 - a verifier that reads a generated image (per-colour masks, connected components, shape from fill
   ratio and top/bottom asymmetry, centroids for relations) and returns GenEval-style partial credit
   (fraction of requirements met) and a strict 0/1 score;
 - a fixed train/test prompt split whose test prompts are held-out combinations (a colour with a shape,
   a count with a coloured shape, a relation between two shapes...) never seen in training;
-- the model: diffusers' `SD3Transformer2DModel` (the MMDiT of SD3.5) at 2.3 M parameters working
+- the model: diffusers' `SD3Transformer2DModel` (the MMDiT of SD3.5) at 3.8 M parameters working
   directly on pixels (no VAE), and a small learned prompt encoder standing in for CLIP + T5;
 - `python shapes.py pretrain`: flow-matching pretraining that reproduces the committed checkpoint.
 
@@ -43,8 +44,10 @@ SHAPES = ("circle", "square", "triangle")
 NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-OBJECT_SIZES = (7, 8, 9, 10)  # side of an object's bounding box in pixels
+CELL = 8  # the model's patch size: the image is a 4×4 grid of cells, each holding at most one object
+OBJECT_SIZE = 6  # side of an object's bounding box, centred in its cell (2 px between neighbours)
 MIN_AREA = 6  # components smaller than this are noise, not objects
+MAX_STRAY = 8  # lit pixels outside the objects that a clean image may have (anti-aliasing-like specks)
 CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shapes-tiny.safetensors")
 
 
@@ -166,17 +169,17 @@ def render(meta: dict, rng: np.random.Generator) -> np.ndarray:
         for o in meta["objects"]:
             for _ in range(o["count"]):
                 color = o["color"] or list(COLORS)[rng.integers(len(COLORS))]
-                objs.append((o["shape"], color, int(rng.choice(OBJECT_SIZES))))
-        boxes = []
-        for _, _, s in objs:
-            x0, y0 = rng.integers(1, IMAGE_SIZE - s, size=2)
-            boxes.append((int(x0), int(y0), s))
-        overlap = any(
-            a[0] < b[0] + b[2] + 2 and b[0] < a[0] + a[2] + 2 and a[1] < b[1] + b[2] + 2 and b[1] < a[1] + a[2] + 2
-            for a, b in itertools.combinations(boxes, 2)
-        )
-        if overlap:
-            continue
+                objs.append((o["shape"], color, OBJECT_SIZE))
+        # One object per cell of the 4×4 grid, and a cell is exactly one token of the tiny transformer
+        # (patch size 8). Earlier versions with free positions and 4-pixel patches never learned coherent
+        # shapes in minutes of CPU (samples were patch-sized confetti): an object spread over several
+        # tokens needs the attention to coordinate them. Here what an object *is* is one token's job,
+        # while how many there are and where they stand needs all tokens to agree: counting and
+        # position stay the hard part, as they are for SD3.5 on GenEval.
+        cells = rng.choice((IMAGE_SIZE // CELL) ** 2, size=len(objs), replace=False)
+        offset = (CELL - OBJECT_SIZE) // 2
+        boxes = [(int(c % (IMAGE_SIZE // CELL)) * CELL + offset, int(c // (IMAGE_SIZE // CELL)) * CELL + offset, s)
+                 for c, (_, _, s) in zip(cells, objs)]
         if meta.get("relation"):  # centres of mass, as the verifier measures them
             ca, cb = (_centroid(objs[i][0], objs[i][2], boxes[i]) for i in (0, 1))
             if not _relation_holds(ca, cb, meta["relation"], margin=6):
@@ -223,7 +226,7 @@ def detect(image: np.ndarray) -> list[dict]:
                 shape = None  # elongated: two merged objects or a smear
             elif top < 0.6 * bottom:
                 shape = "triangle"
-            elif fill >= 0.9:
+            elif fill >= 0.95:  # a 6-pixel circle fills 0.89 of its box
                 shape = "square"
             elif fill >= 0.65:
                 shape = "circle"
@@ -235,8 +238,19 @@ def detect(image: np.ndarray) -> list[dict]:
     return objects
 
 
-def requirements(objects: list[dict], meta: dict) -> list[bool]:
-    """GenEval-style checks of a prompt against detected objects; partial credit = their mean."""
+def requirements(objects: list[dict], meta: dict, stray: int = 0) -> list[bool]:
+    """GenEval-style checks of a prompt against detected objects; partial credit = their mean.
+
+    Every category ends with a *clean* check: exactly as many objects as the prompt asks for and at most
+    MAX_STRAY lit pixels outside them. Without it, an image full of coloured confetti contains a circle, a
+    square and a triangle of every colour somewhere and passes most checks: a prototype policy learned
+    exactly that. (GenEval's object detector does not see confetti as objects; this verifier must say so.)
+    """
+    return _content_checks(objects, meta) + [
+        len(objects) == sum(o["count"] for o in meta["objects"]) and stray <= MAX_STRAY]
+
+
+def _content_checks(objects, meta):
     def match(o, spec):
         return o["shape"] == spec["shape"] and (spec["color"] is None or o["color"] == spec["color"])
 
@@ -261,7 +275,9 @@ def verify(images, metas: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     images = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     partial, strict = np.zeros(len(metas), np.float32), np.zeros(len(metas), np.float32)
     for i, (img, meta) in enumerate(zip(images, metas)):
-        req = requirements(detect(img), meta)
+        objects = detect(img)
+        stray = int((img > 0.5).any(0).sum()) - sum(o["area"] for o in objects)  # lit pixels in no object
+        req = requirements(objects, meta, stray)
         partial[i], strict[i] = np.mean(req), float(all(req))
     return partial, strict
 
@@ -271,9 +287,12 @@ def verify(images, metas: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 MAX_TOKENS = 10  # "<bos> a yellow triangle and a green square" is 8 tokens
 TRANSFORMER_CONFIG = dict(
-    sample_size=IMAGE_SIZE, patch_size=4, in_channels=3, out_channels=3,  # 8x8 = 64 image tokens
-    num_layers=4, attention_head_dim=32, num_attention_heads=4,  # joint width 128
-    joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=8,
+    sample_size=IMAGE_SIZE, patch_size=CELL, in_channels=3, out_channels=3,  # 4x4 = 16 image tokens
+    # width 6 × 32 = 192 = 8·8·3, the size of one patch: at high noise the velocity is mostly the noise
+    # itself, which a narrower model cannot pass through its patch embedding (loss stalled at ~0.45)
+    num_layers=3, attention_head_dim=32, num_attention_heads=6,
+    joint_attention_dim=128, caption_projection_dim=192, pooled_projection_dim=128, pos_embed_max_size=IMAGE_SIZE // CELL,
+    qk_norm="rms_norm",  # as SD3.5: keeps attention logits bounded at lr 1e-3
 )
 
 
@@ -331,15 +350,15 @@ def load_pretrained(path: str = CHECKPOINT, device="cpu"):
 # ----------------------------------------------------------------------------------------------------
 # Pretraining (rectified flow on rendered scenes) -- `python shapes.py pretrain`
 # ----------------------------------------------------------------------------------------------------
-def pretrain(steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.998,
-             seed: int = 0, out: str = CHECKPOINT, evaluate: bool = True) -> dict:
+def pretrain(steps: int = 500, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.998,
+             seed: int = 0, out: str = CHECKPOINT, evaluate: bool = True, snapshots=()) -> dict:
     """Train the tiny model by flow matching and save its EMA weights (fp16 safetensors, ~4.7 MB).
 
-    x_σ = (1 − σ)·x0 + σ·ε, target velocity ε − x0 (the time direction of vgpo.py), σ logit-normal
-    as in SD3, 10 % empty prompts so that classifier-free guidance is available. Seeded: the same
-    command on the same machine writes the same file.
+    x_σ = (1 − σ)·x0 + σ·ε, target velocity ε − x0 (the time direction of vgpo.py), σ uniform,
+    10 % empty prompts so that classifier-free guidance is available. Seeded: the same command on the
+    same machine writes the same file. `snapshots`: steps at which the EMA weights are also saved
+    (beside `out`, as <out>.<step>) and evaluated, to choose the step count; they do not change the run.
     """
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -357,15 +376,17 @@ def pretrain(steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, ema_deca
         x0 = torch.from_numpy(np.stack([render(METADATA[p], rng) for p in prompts])) * 2 - 1  # (B, 3, H, W) in [-1, 1]
         drop = rng.random(batch_size) < 0.1
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
-        sigma = torch.sigmoid(torch.randn(batch_size)).view(-1, 1, 1, 1)  # logit-normal(0, 1)
+        # uniform σ, not SD3's logit-normal: a briefly trained tiny model needs both ends of the schedule
+        # (σ ≈ 1 decides the layout, σ ≈ 0 cleans the edges), which logit-normal almost never samples
+        sigma = torch.rand(batch_size).view(-1, 1, 1, 1)
         noise = torch.randn_like(x0)
         x_t = (1 - sigma) * x0 + sigma * noise
         seq, pooled = encoder(prompts)
         v = transformer(x_t, encoder_hidden_states=seq, pooled_projections=pooled,
                         timestep=sigma.flatten() * 1000, return_dict=False)[0]
         loss = ((v - (noise - x0)) ** 2).mean()
-        for g in opt.param_groups:  # 50-step linear warm-up, then cosine decay to lr/10
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        for g in opt.param_groups:  # 50-step linear warm-up, then constant
+            g["lr"] = lr * min(1.0, (step + 1) / 50)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -376,44 +397,65 @@ def pretrain(steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, ema_deca
                 e.mul_(d).add_(p.detach(), alpha=1 - d)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step + 1 in snapshots:
+            _save_ema(transformer, encoder, ema, params, f"{out}.{step + 1}", steps=step + 1, seed=seed)
+            if evaluate:
+                print(f"\nsnapshot at step {step + 1}:")
+                _report(f"{out}.{step + 1}")
+    _save_ema(transformer, encoder, ema, params, out, steps=steps, seed=seed)
+    result = {"final_loss": float(np.mean(losses[-50:])), "minutes": (time.time() - t0) / 60, "path": out}
+    print(f"saved {out} ({os.path.getsize(out) / 1e6:.1f} MB) after {steps} steps in {result['minutes']:.1f} min; "
+          f"final loss (mean of last 50 steps) {result['final_loss']:.4f}")
+    if evaluate:
+        result.update(_report(out))
+    return result
+
+
+def _save_ema(transformer, encoder, ema, params, path, **info):
+    """Write the EMA weights (fp16: half the size, and the RL code computes in fp32) without touching
+    the live weights; through a temporary file, so an interrupted save never leaves a broken checkpoint."""
+    from safetensors.torch import save_file
+
+    live = [p.detach().clone() for p in params]
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
     state = {f"transformer.{k}": v.half().contiguous() for k, v in transformer.state_dict().items()}
     state.update({f"encoder.{k}": v.half().contiguous() for k, v in encoder.state_dict().items()})
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    save_file(state, tmp, metadata={"steps": str(steps), "batch_size": str(batch_size), "lr": str(lr),
-                                    "ema_decay": str(ema_decay), "seed": str(seed),
-                                    "config": json.dumps(TRANSFORMER_CONFIG)})
-    os.replace(tmp, out)
-    result = {"final_loss": float(np.mean(losses[-50:])), "minutes": (time.time() - t0) / 60, "path": out}
-    print(f"saved {out} ({os.path.getsize(out) / 1e6:.1f} MB) after {steps} steps in {result['minutes']:.1f} min; "
-          f"final loss (mean of last 50 steps) {result['final_loss']:.4f}")
-    if evaluate:
-        import vgpo
+    with torch.no_grad():
+        for v, p in zip(live, params):
+            p.copy_(v)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(state, path + ".tmp", metadata={k: str(v) for k, v in info.items()} | {"config": json.dumps(TRANSFORMER_CONFIG)})
+    os.replace(path + ".tmp", path)
 
-        args = vgpo.make_args(model="tiny")
-        metrics = vgpo.evaluate(vgpo.load_model(args, checkpoint=out), args)
-        result.update(metrics)
-        print("base model, held-out prompts, strict accuracy by category:")
-        for cat in CATEGORIES:
-            print(f"  {cat:14s} {metrics[f'eval/strict/{cat}']:.3f}")
-        print(f"  {'overall':14s} {metrics['eval/strict_accuracy']:.3f}  (mean over categories, as GenEval)")
-    return result
+
+def _report(path) -> dict:
+    """Held-out strict accuracy of a checkpoint, by category (vgpo.evaluate: the RL run's own metric)."""
+    import vgpo
+
+    args = vgpo.make_args(model="tiny")
+    metrics = vgpo.evaluate(vgpo.load_model(args, checkpoint=path), args)
+    print("base model, held-out prompts, strict accuracy by category:")
+    for cat in CATEGORIES:
+        print(f"  {cat:14s} {metrics[f'eval/strict/{cat}']:.3f}")
+    print(f"  {'overall':14s} {metrics['eval/strict_accuracy']:.3f}  (mean over categories, as GenEval)", flush=True)
+    return metrics
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="The shapes toy world.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pt = sub.add_parser("pretrain", help="train the tiny model and write checkpoints/shapes-tiny.safetensors")
-    pt.add_argument("--steps", type=int, default=2000)
+    pt.add_argument("--steps", type=int, default=500)
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", default=CHECKPOINT)
+    pt.add_argument("--snapshots", default="", help="comma-separated steps at which to also save and evaluate")
     sub.add_parser("prompts", help="print the prompt split")
     a = p.parse_args(argv)
     if a.cmd == "pretrain":
-        pretrain(steps=a.steps, seed=a.seed, out=a.out)
+        pretrain(steps=a.steps, seed=a.seed, out=a.out,
+                 snapshots={int(s) for s in a.snapshots.split(",") if s})
     else:
         for text, meta, test in PROMPTS:
             print(f"{'test ' if test else 'train' if test is False else 'both '} {meta['category']:14s} {text}")

@@ -180,6 +180,16 @@ def test_verifier_scores_own_renders_one_and_mismatched_prompts_less(category):
         assert partial[0] < 1 and strict[0] == 0, (a, b)
 
 
+def test_confetti_does_not_pass_the_verifier():
+    """Random coloured patches contain every shape somewhere; the clean check keeps them from passing any
+    prompt, and a clean render always beats them (the reward cannot be hacked with clutter)."""
+    rng = np.random.default_rng(0)
+    confetti = (rng.random((40, 3, 8, 8)) > 0.6).astype(np.float32).repeat(4, 2).repeat(4, 3)
+    for p, meta, _ in shapes.PROMPTS:
+        partial, strict = shapes.verify(confetti, [meta] * 40)
+        assert strict.max() == 0 and partial.max() < 1, p
+
+
 def test_prompt_split_holds_out_combinations_and_balances_categories():
     """Test prompts are unseen combinations (except the 3 single-object ones), every word is trained,
     sampling weights make the six categories equally likely, and the eval set has ≥ 600 images, ≥ 6 per prompt."""
@@ -226,7 +236,10 @@ def test_one_epoch_changes_every_parameter_and_is_bitwise_reproducible(tmp_path,
     """A training epoch updates every trainable weight; the same seed gives identical metrics and weights."""
     from safetensors.torch import load_file
 
-    base = {k: v.clone() for k, v in shapes.load_pretrained()[0].state_dict().items()}
+    args = vgpo.make_args(model="tiny", **SMALL)
+    trainable = {k for k, p in vgpo.load_model(args).transformer.named_parameters() if p.requires_grad}
+    base = {k: v.clone() for k, v in shapes.load_pretrained()[0].state_dict().items() if k in trainable}
+    assert len(base) > 100
     runs = []
     for i in range(2):
         args = vgpo.make_args(model="tiny", prompts=prompt_file, output_dir=str(tmp_path / f"run{i}"), **SMALL)

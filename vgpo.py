@@ -121,11 +121,10 @@ PRESETS = {
     "tiny": dict(
         guidance_scale=1.0,  # RL with CFG 4 did not learn on the toy model, and gains at g = 1 barely carried
         #                      over to CFG-4 sampling: the guided policy must be the one optimised (interp. 8)
-        learning_rate=1e-4,  # all 2.3 M weights are fine-tuned (no LoRA): a smaller step than LoRA's 3e-4
+        learning_rate=1e-4,  # all 3.8 M weights are fine-tuned (no LoRA): a smaller step than LoRA's 3e-4
         clip_range=1e-3,  # 3 072 pixel dimensions instead of SD3.5's 65 536 latent ones: the averaged
         #                   log-prob moves more per update, so the ratio needs a wider band
         beta=0.0,  # no KL: 30 epochs are too short to drift far, and it saves a reference forward pass
-        eval_steps=20,  # the toy model's ODE samples stop improving at ~20 steps (SD3.5: 40)
         epochs=30,  # fits the ≤ 10 min CPU budget
         prompts_per_epoch=16,  # 16 prompts × 8 = 128 trajectories: a cheap epoch with many groups
         train_batch_size=32,  # the CPU is faster on bigger batches; 4 micro-batches per epoch
@@ -134,7 +133,10 @@ PRESETS = {
     ),
 }
 MODELS = ("tiny",)  # SD3-family ids join this list with the SD3 loader
-EVAL_SEED = 1234  # evaluation noise is the same at every evaluation and in every run (common random numbers)
+# Evaluation draws its starting noise from this fixed seed, whatever --seed is: every evaluation of every
+# run starts from the same noise (common random numbers), so a change between two evaluations is the
+# model's and not the noise's. With 624 images this keeps the metric's run-to-run jitter small.
+EVAL_SEED = 1234
 
 
 class UsageError(Exception):
@@ -143,6 +145,7 @@ class UsageError(Exception):
 
 def make_args(**overrides) -> Args:
     """Args for `overrides["model"]` with its preset applied, then `overrides` (what the user set)."""
+    # order of precedence: what the user set > the model's preset > the Args default (SD3.5's)
     model = overrides.get("model", Args.model)
     values = {**PRESETS.get(model if model in PRESETS else "", {}), **overrides}
     unknown = set(values) - {f.name for f in dataclasses.fields(Args)}
@@ -158,6 +161,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> Args:
     """The command line, generated from the Args fields: `--field-name VALUE`, `--flag/--no-flag`."""
+    # SUPPRESS: a flag the user did not type is absent from the namespace, so the preset can fill it
     p = _Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
@@ -183,7 +187,7 @@ def validate(args: Args) -> None:
         (0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}"),
         (args.num_steps >= 2, "--num-steps must be ≥ 2 (the last step is not trained)"),
         (args.eval_steps >= 1, "--eval-steps must be ≥ 1"),
-        (0 <= args.anchor_steps <= args.num_steps, f"--anchor-steps must be in [0, {args.num_steps}]"),
+        (args.anchor_steps >= 0, "--anchor-steps must be ≥ 0 (a value ≥ --num-steps anchors every step)"),
         (args.noise_level > 0, "--noise-level must be > 0: the policy needs a stochastic step to have log-probs"),
         (args.clip_range > 0, "--clip-range must be > 0"),
         (args.beta >= 0 and args.anchor_coef >= 0, "--beta and --anchor-coef must be ≥ 0"),
@@ -199,6 +203,8 @@ def validate(args: Args) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    # every optimizer step must see the same number of trajectories, or the last one would be a partial,
+    # noisier step (and the gradient-accumulation divisor in `update` would be wrong for it)
     n = args.prompts_per_epoch * args.num_generations
     per_step = args.train_batch_size * args.gradient_accumulation_steps
     if n % per_step:
@@ -241,8 +247,15 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
     if args.model == "tiny":
         import shapes
 
+        # the whole 3.8 M-parameter transformer is trained; the prompt encoder is frozen, as SD3's text
+        # encoders are, so the policy is the same kind of object on both models
         transformer, encoder = shapes.load_pretrained(checkpoint or shapes.CHECKPOINT, device)
         encoder.requires_grad_(False)
+        # SD3's last block only reads the prompt stream (context_pre_only): its prompt-query projection
+        # never reaches the output, so it gets no gradient. Freezing it keeps "trainable" honest.
+        last = transformer.transformer_blocks[-1].attn
+        for unused in (last.add_q_proj, last.norm_added_q):
+            unused.requires_grad_(False)
         # Pixel space: the "latent" is the image in [-1, 1], so decoding is a rescale.
         decode = lambda x: ((x.float() + 1) / 2).clamp(0, 1)  # noqa: E731
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # no resolution shift at 32×32
@@ -300,10 +313,17 @@ def sample_prompts(train: list, count: int, rng: np.random.Generator) -> list[tu
 # ====================================================================================================
 
 
+# The policy π_θ is the stochastic sampler itself: each denoising step is a Gaussian transition whose
+# mean depends on the transformer's velocity, so every step has a log-probability and the whole
+# trajectory is a sequence of T actions. Flow-matching models are ODE samplers; Flow-GRPO turns the ODE
+# into an SDE with the same marginals (so images stay in-distribution) and noise scale a·sqrt(σ/(1−σ)).
+
+
 def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     """Eq. (1): v = v_u + g·(v_c − v_u), in fp32. x (B, C, H, W); cond/uncond = (seq, pooled).
     With g = 1 only the conditional pass is run."""
     t = (sigma * 1000).expand(x.shape[0])  # diffusers' SD3 takes timestep = 1000·σ
+    # one batched call for both passes, [uncond; cond], as the stock pipeline does
     if guidance_scale == 1.0:
         return net(x, encoder_hidden_states=cond[0], pooled_projections=cond[1], timestep=t, return_dict=False)[0].float()
     out = net(torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
@@ -320,7 +340,8 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     standard deviation of the step. With `prev_sample` given, that sample is scored instead of drawn.
     With noise_level 0 the step is the deterministic Euler step x + v·dt and log_prob is 0.
     """
-    v, x = velocity.float(), sample.float()  # fp32: std² and the log-density overflow/underflow in bf16
+    # fp32 throughout: with bf16 latents std² and (x − mean)²/std² lose the digits the ratio depends on
+    v, x = velocity.float(), sample.float()
     sigma, sigma_next = torch.as_tensor(sigma, dtype=torch.float32), torch.as_tensor(sigma_next, dtype=torch.float32)
     dt = sigma_next - sigma  # < 0
     # (2a) std_k = a·sqrt(σ/(1−σ)); at σ = 1 (first step) Flow-GRPO puts 1 − σ_{k+1} in the denominator
@@ -330,11 +351,14 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     mean = x + (v + std_k**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
     std = std_k * torch.sqrt(-dt)
     if noise_level == 0:
+        # the ODE limit: std = 0 makes the bracket exactly v, so mean = x + v·dt is the Euler step;
+        # the density is degenerate, and a log-prob of 0 marks the step as deterministic
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
     # (2c) x_{k+1} = mean + std·ε
     if prev_sample is None:
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         prev_sample = mean + std * eps
+    # the sample is data, not a function of θ: gradients flow only through the mean
     prev_sample = prev_sample.float().detach()
     # (2d) Gaussian log-density, averaged (not summed) over C·H·W so that its scale does not grow with
     # resolution: the ratio exp(Δ log π) then moves by ~1e-4 per update and ε is chosen at that scale.
@@ -366,6 +390,8 @@ def sample(model: Model, prompts: list[str], num_steps: int, noise_level: float,
            batch_size: int, generator=None, noise=None, record: bool = True, desc: str = "rollout"):
     """Sample one image per prompt in micro-batches of `batch_size`: SDE steps 0…T−2, a plain Euler step
     T−1. Returns (images, latents, log_probs, x0_preds, sigmas); the last three are None unless `record`."""
+    # Micro-batches of the training size: SD3 outputs depend slightly on the batch size, and a rollout
+    # scored at another size than it is re-scored at shows up as ratio ≠ 1 before any update.
     n, (c, h, w), T = len(prompts), model.latent_shape, num_steps
     sigmas = model.sigmas(T)  # (T+1,)
     if noise is None:
@@ -415,6 +441,12 @@ def rollout(model: Model, prompts: list[str], args: Args, generator=None, noise=
 # ====================================================================================================
 
 
+# GRPO credits every step with the terminal reward R(x_T). VGPO asks after each step k how good the
+# image already looks: the one-step prediction x̂0_{k+1} is what the model would output if it stopped
+# now, so its reward r_k measures the progress made up to step k. Early previews are blurry and score
+# low, later ones approach R(x_T); the discounted sum Q_k of what follows step k is that step's value.
+
+
 @torch.no_grad()
 def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[dict], previews: bool,
                     batch_size: int = 256) -> torch.Tensor:
@@ -443,7 +475,8 @@ def _checked(r, what):
 def temporal_values(instant_rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     """Eq. (4) (paper Eq. 10): Q_{T−1} = r_{T−1}, Q_k = r_k + γ·Q_{k+1}. (N, T) → (N, T)."""
     q = torch.zeros_like(instant_rewards)
-    running = torch.zeros_like(instant_rewards[:, 0])  # (N,)
+    running = torch.zeros_like(instant_rewards[:, 0])  # (N,), Q_T = 0: nothing follows the last step
+    # backwards in k, as a return is computed in RL; T is ~10, so a Python loop costs nothing
     for k in reversed(range(instant_rewards.shape[1])):
         running = instant_rewards[:, k] + gamma * running
         q[:, k] = running
@@ -453,7 +486,11 @@ def temporal_values(instant_rewards: torch.Tensor, gamma: float) -> torch.Tensor
 def step_weights(values: torch.Tensor) -> torch.Tensor:
     """Eq. (5) (paper Eq. 11): ω_k = Q_k / mean_k' Q_k' over the trajectory's T steps; 1 where that mean
     is ≤ 1e-8 (a trajectory with no reward has no preferred step). (N, T) → (N, T)."""
+    # the mean over k, not the sum: ω averages 1 over a trajectory, so the loss keeps GRPO's overall scale
     mean = values.mean(dim=1, keepdim=True)  # (N, 1)
+    # Early steps accumulate more future reward, so ω > 1 early and < 1 late: the loss leans on the
+    # steps that decide the layout. Rewards are ≥ 0 (SPEC §2), so Q ≥ 0 and ω ≥ 0; the clamp only
+    # keeps the division finite in the branch torch.where discards.
     return torch.where(mean > 1e-8, values / mean.clamp_min(1e-8), torch.ones_like(values))
 
 
@@ -466,6 +503,7 @@ def _group_normalize(x: torch.Tensor, group_ids: torch.Tensor, scale: str = "gro
     """(x − group mean) / (std + 1e-4), per column. x (N,) or (N, T). The 1e-4 keeps a uniform group at
     0 instead of 0/0. `scale`: 'group' std, 'batch' std (Flow-GRPO's global_std) or 'none' (no division)."""
     centred, std = torch.empty_like(x), torch.empty_like(x)
+    # a loop over groups reads like the equation; P is at most a few dozen, so it costs nothing
     for g in group_ids.unique():
         m = group_ids == g
         centred[m] = x[m] - x[m].mean(dim=0)
@@ -482,15 +520,24 @@ def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_cli
     μ_k, s_k: mean and std of Q_k over the group. Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}) is the discounted mean
     of future rewards (Q_k/(T − k) for γ = 1); α_k = κ on the first `anchor_steps` steps, else 0.
     """
+    # The relative term is GRPO's, per step: which trajectories of this prompt did better than their
+    # siblings at step k. It vanishes when the group agrees (all solved or all failed), which is where
+    # GRPO stops learning. The absolute term does not compare within the group: it rewards a step for
+    # the value it reached, so a uniformly good group is still reinforced. It is only on in the early,
+    # layout-deciding steps, where the paper turns it on.
     n, T = values.shape
     k = torch.arange(T, device=values.device, dtype=values.dtype)  # (T,)
     relative = _group_normalize(values, group_ids)  # (N, T): 0 for a uniform group
+    # Q_k sums T − k discounted rewards, so its size depends on k; dividing by the sum of the discounts
+    # turns it into a weighted mean of rewards, in [0, 1] like the rewards themselves. That keeps κ on a
+    # scale comparable to the unit-std relative term at every step.
     horizon = T - k  # number of future rewards summed in Q_k
     norm = horizon if gamma == 1 else (1 - gamma**horizon) / (1 - gamma)  # Σ_{j<T−k} γ^j
     alpha = torch.where(k < anchor_steps, anchor_coef, 0.0)  # (T,)
     absolute = alpha * values / norm  # (N, T): α_k·Q̄_k, in reward units
     if weights is None:
         weights = step_weights(values)
+    # the clip bounds what one outlier trajectory (a group with std ≈ 0 and one different sample) can do
     return (weights * (relative + absolute)).clamp(-adv_clip_max, adv_clip_max)
 
 
@@ -508,10 +555,14 @@ def grpo_advantages(rewards, group_ids, scale_rewards, adv_clip_max, num_steps):
 def policy_loss(log_probs, log_probs_old, advantages, clip_range, kl=None, beta=0.0):
     """Eq. (8): L = mean(max(−Â·ρ, −Â·clip(ρ, 1 − ε, 1 + ε))) + β·mean(KL), ρ = exp(log π_θ − log π_old).
     All arguments (B,) for one trained step. Returns (loss, stats)."""
+    # PPO's clipped surrogate. The log-probs are averaged over dims, so a ratio of 1 ± 1e-3 is already a
+    # real change of the step distribution; ε is chosen at that scale (1e-4 for SD3.5, 1e-3 for the toy).
     ratio = torch.exp(log_probs - log_probs_old)  # (B,), 1 on-policy
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    l_clip = torch.maximum(unclipped, clipped).mean()  # pessimistic: no gain from moving ρ past the band
+    # max of the two losses = min of the two objectives: the pessimistic bound. Outside the band the
+    # clipped term is constant, so it has no gradient exactly when moving further would pay
+    l_clip = torch.maximum(unclipped, clipped).mean()
     l_kl = kl.mean() if kl is not None else torch.zeros((), device=ratio.device)
     stats = {
         "policy/approx_kl": 0.5 * ((log_probs - log_probs_old) ** 2).mean().item(),
@@ -525,9 +576,13 @@ def policy_loss(log_probs, log_probs_old, advantages, clip_range, kl=None, beta=
 def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, generator=None) -> dict:
     """Eq. (9): shuffle the N trajectories into micro-batches; for each micro-batch and trained step k
     (0…T−2): forward, loss, backward; an optimizer step every `gradient_accumulation_steps` micro-batches."""
+    # One backward per (micro-batch, step): activations of a single transformer call are alive at a
+    # time, which is what lets SD3.5 train on one GPU. The transformer stays in eval mode: it has no
+    # dropout, and eval mode keeps the re-scored log-probs identical to the rollout's (ratio = 1).
     n, T = traj.log_probs.shape
     trained, accum = T - 1, args.gradient_accumulation_steps
     params = [p for p in model.transformer.parameters() if p.requires_grad]
+    # shuffle so that a micro-batch mixes prompts (its own generator: the rollout noise stays independent)
     perm = torch.randperm(n, generator=generator).to(model.device)
     stats = defaultdict(list)
     bar = _progress(math.ceil(n / args.train_batch_size) * trained, "update")
@@ -550,7 +605,7 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
             for key, val in s.items():
                 stats[key].append(val)
             bar.update()
-        if (i + 1) % accum == 0:
+        if (i + 1) % accum == 0:  # gradient-norm clip 1.0 as Flow-GRPO: a rare huge advantage cannot jump
             stats["policy/grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -567,6 +622,7 @@ def train(args: Args) -> list[dict]:
     """The whole method: per epoch rollout → rewards → values → advantages → update. Returns the metric rows."""
     import reward
 
+    # --- set-up: everything that can fail on bad input fails here, before the first rollout ---
     validate(args)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)  # which prompts each epoch
@@ -580,30 +636,12 @@ def train(args: Args) -> list[dict]:
     shuffle_gen = torch.Generator().manual_seed(args.seed + 1)  # micro-batch order
     print_startup_box(args, model, params, out_dir)
 
+    # --- epoch 0: the base model on the held-out prompts, the reference point of every curve ---
     history = [{"epoch": 0, **evaluate(model, args, reward_fn, eval_set, out_dir, epoch=0)}]  # the base model
     log_row(out_dir, history[-1])
-    use_previews = args.algo == "vgpo" and args.temporal_values
     for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
         chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
-        traj = rollout(model, [p for p, _ in chosen], args, generator=rollout_gen)  # eqs. (1)–(2)
-        metadata = [m for _, m in chosen for _ in range(args.num_generations)]
-        t1 = time.time()
-        r = instant_rewards(model, traj, reward_fn, metadata, previews=use_previews)  # eq. (3), (N, T)
-        t2 = time.time()
-        if args.algo == "vgpo":
-            values = temporal_values(r, args.gamma)  # eq. (4)
-            weights = step_weights(values) if args.temporal_values else torch.ones_like(values)  # eq. (5)
-            adv = vgpo_advantages(values, traj.group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
-                                  args.adv_clip_max, weights=weights)  # eq. (6)
-        else:
-            values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)  # GRPO credits every step alike
-            adv = grpo_advantages(r[:, -1], traj.group_ids, args.scale_rewards, args.adv_clip_max, args.num_steps)  # eq. (7)
-        t3 = time.time()
-        stats = update(model, traj, adv, optimizer, args, shuffle_gen)  # eqs. (8)–(9)
-        row = {"epoch": epoch, **epoch_metrics(r, values, weights, adv, traj.group_ids), **stats,
-               "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
-               "time/epoch_s": time.time() - t0}
+        row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, rollout_gen, shuffle_gen)}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             row.update(evaluate(model, args, reward_fn, eval_set, out_dir, epoch=epoch))
         history.append(row)
@@ -612,6 +650,33 @@ def train(args: Args) -> list[dict]:
 
     finish_run(model, history, out_dir)
     return history
+
+
+def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, rollout_gen, shuffle_gen) -> dict:
+    """One epoch on the P `chosen` (prompt, metadata) pairs: rollout → rewards → credit → update."""
+    # --- sample: P prompts × G trajectories with their old log-probs and previews ---
+    t0 = time.time()
+    traj = rollout(model, [p for p, _ in chosen], args, generator=rollout_gen)  # eqs. (1)–(2)
+    metadata = [m for _, m in chosen for _ in range(args.num_generations)]
+    t1 = time.time()
+    use_previews = args.algo == "vgpo" and args.temporal_values  # GRPO never looks at previews
+    r = instant_rewards(model, traj, reward_fn, metadata, previews=use_previews)  # eq. (3), (N, T)
+    t2 = time.time()
+    # --- credit: per-step values and advantages (VGPO) or one advantage for all steps (GRPO) ---
+    if args.algo == "vgpo":
+        values = temporal_values(r, args.gamma)  # eq. (4)
+        weights = step_weights(values) if args.temporal_values else torch.ones_like(values)  # eq. (5)
+        adv = vgpo_advantages(values, traj.group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
+                              args.adv_clip_max, weights=weights)  # eq. (6)
+    else:
+        values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)  # GRPO credits every step alike
+        adv = grpo_advantages(r[:, -1], traj.group_ids, args.scale_rewards, args.adv_clip_max, args.num_steps)  # eq. (7)
+    t3 = time.time()
+    # --- learn: clipped policy gradient over the rollout ---
+    stats = update(model, traj, adv, optimizer, args, shuffle_gen)  # eqs. (8)–(9)
+    return {**epoch_metrics(r, values, weights, adv, traj.group_ids), **stats,
+            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
+            "time/epoch_s": time.time() - t0}
 
 
 def epoch_metrics(r, values, weights, adv, group_ids) -> dict:
