@@ -350,7 +350,7 @@ def load_pretrained(path: str = CHECKPOINT, device="cpu"):
 # ----------------------------------------------------------------------------------------------------
 # Pretraining (rectified flow on rendered scenes) -- `python shapes.py pretrain`
 # ----------------------------------------------------------------------------------------------------
-def pretrain(steps: int = 500, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.998,
+def pretrain(steps: int = 3600, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.998,
              seed: int = 0, out: str = CHECKPOINT, evaluate: bool = True, snapshots=()) -> dict:
     """Train the tiny model by flow matching and save its EMA weights (fp16 safetensors, ~4.7 MB).
 
@@ -435,7 +435,8 @@ def _report(path) -> dict:
     import vgpo
 
     args = vgpo.make_args(model="tiny")
-    metrics = vgpo.evaluate(vgpo.load_model(args, checkpoint=path), args)
+    with torch.random.fork_rng():  # building the model draws initial weights: keep the training RNG untouched
+        metrics = vgpo.evaluate(vgpo.load_model(args, checkpoint=path), args)
     print("base model, held-out prompts, strict accuracy by category:")
     for cat in CATEGORIES:
         print(f"  {cat:14s} {metrics[f'eval/strict/{cat}']:.3f}")
@@ -447,7 +448,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="The shapes toy world.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pt = sub.add_parser("pretrain", help="train the tiny model and write checkpoints/shapes-tiny.safetensors")
-    pt.add_argument("--steps", type=int, default=500)
+    pt.add_argument("--steps", type=int, default=3600)
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", default=CHECKPOINT)
     pt.add_argument("--snapshots", default="", help="comma-separated steps at which to also save and evaluate")

@@ -203,6 +203,17 @@ def test_prompt_split_holds_out_combinations_and_balances_categories():
     assert len(ev) >= 600 and min(ev.count(p) for p in set(ev)) >= 6
 
 
+def test_pretraining_is_seeded_and_snapshots_do_not_change_it(tmp_path):
+    """`python shapes.py pretrain` is reproducible: the same seed writes the same weights, and evaluated
+    snapshots along the way (which build models, drawing random initial weights) do not change the run."""
+    from safetensors.torch import load_file
+
+    shapes.pretrain(steps=3, batch_size=4, out=str(tmp_path / "a.safetensors"), evaluate=False)
+    shapes.pretrain(steps=3, batch_size=4, out=str(tmp_path / "b.safetensors"), evaluate=True, snapshots={1})
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_rewards_follow_the_interface():
     """Every registered reward maps (N,3,H,W) images in [0,1] to (N,) finite values in [0, 1]."""
     rng = np.random.default_rng(0)
