@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 
-def shapes_reward(device="cpu"):
+def shapes_reward(device="cpu", strict_weight: float = 0.5):
     """The toy world's exact verifier: ½·(partial credit) + ½·(strict 0/1 score), in [0, 1].
 
     Partial credit alone (the fraction of GenEval-style checks passed) can be raised by giving up one
@@ -37,13 +37,14 @@ def shapes_reward(device="cpu"):
 
     def fn(images, prompts, metadata):
         partial, strict = shapes.verify(images, metas_of(prompts, metadata))
-        return torch.from_numpy(0.5 * partial + 0.5 * strict)
+        return torch.from_numpy((1 - strict_weight) * partial + strict_weight * strict)
 
     def metrics(images, prompts, metadata):
         metas = metas_of(prompts, metadata)
         partial, strict = shapes.verify(images, metas)
         cats = np.array([m["category"] for m in metas])
-        out = {"score": float((0.5 * partial + 0.5 * strict).mean()), "partial_credit": float(partial.mean())}
+        out = {"score": float(((1 - strict_weight) * partial + strict_weight * strict).mean()),
+               "partial_credit": float(partial.mean())}
         per_cat = {c: float(strict[cats == c].mean()) for c in shapes.CATEGORIES if (cats == c).any()}
         out["strict_accuracy"] = float(np.mean(list(per_cat.values())))  # GenEval: mean over categories
         out.update({f"strict/{c}": v for c, v in per_cat.items()})
@@ -72,5 +73,7 @@ def jpeg_compressibility(device="cpu", quality: int = 95):
 
 REWARDS = {
     "shapes": shapes_reward,
+    # GenEval's strict 0/1 score alone: sparse, so many groups are all-0 or all-1 (reward-diversity depletion)
+    "shapes_strict": lambda device="cpu": shapes_reward(device, strict_weight=1.0),
     "jpeg_compressibility": jpeg_compressibility,
 }

@@ -395,7 +395,7 @@ def sample(model: Model, prompts: list[str], num_steps: int, noise_level: float,
     # scored at another size than it is re-scored at shows up as ratio ≠ 1 before any update.
     n, (c, h, w), T = len(prompts), model.latent_shape, num_steps
     sigmas = model.sigmas(T)  # (T+1,)
-    if noise is None:
+    if noise is None:  # x_0 ~ N(0, I): σ_0 = 1 is pure noise
         noise = torch.randn((n, c, h, w), generator=generator, device=model.device)
     latents = torch.empty((n, T + 1, c, h, w), device=model.device) if record else None
     x0_preds = torch.empty((n, T, c, h, w), device=model.device) if record else None
@@ -408,7 +408,7 @@ def sample(model: Model, prompts: list[str], num_steps: int, noise_level: float,
         cond = model.encode(prompts[b])
         uncond = model.encode([""] * x.shape[0]) if guidance_scale != 1.0 else None
         for k in range(T):
-            if record:
+            if record:  # x_k is kept: training re-scores x_k → x_{k+1} under the updated policy
                 latents[b, k] = x
             v = guided_velocity(model.transformer, x, sigmas[k], cond, uncond, guidance_scale)  # (B, C, H, W)
             if record and k > 0:  # eq. (3): the velocity at step k also gives the preview x̂0_k = x_k − σ_k·v_k
@@ -429,6 +429,7 @@ def sample(model: Model, prompts: list[str], num_steps: int, noise_level: float,
 
 def rollout(model: Model, prompts: list[str], args: Args, generator=None, noise=None) -> Trajectories:
     """P distinct prompts, each sampled G = args.num_generations times with the SDE (N = P·G)."""
+    # a group = the G trajectories of one prompt, stored next to each other; group_ids says which
     expanded = [p for p in prompts for _ in range(args.num_generations)]
     group_ids = torch.arange(len(prompts)).repeat_interleave(args.num_generations).to(model.device)  # (N,)
     images, latents, log_probs, x0_preds, sigmas = sample(
@@ -458,6 +459,9 @@ def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[
     if not previews:
         r[:, -1] = _checked(reward_fn(traj.images, traj.prompts, metadata), "terminal")
         return r
+    # All N·T previews go through the decoder and the reward in large batches: on SD3.5 this is where
+    # VGPO's extra cost lives (T decodes and reward calls per image instead of one), so it is batched
+    # and timed separately (time/reward_s).
     flat = traj.x0_preds.flatten(0, 1)  # (N·T, C, H, W), trajectory-major
     prompts = [p for p in traj.prompts for _ in range(T)]
     metas = [m for m in metadata for _ in range(T)]
@@ -467,6 +471,7 @@ def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[
 
 
 def _checked(r, what):
+    # a NaN reward would silently turn every advantage of its group into NaN: stop with a clear message
     if not torch.isfinite(r).all():
         raise RuntimeError(f"the reward returned NaN/inf for {int((~torch.isfinite(r)).sum())} {what} images: "
                            "check the reward model and its inputs")
@@ -625,12 +630,15 @@ def train(args: Args) -> list[dict]:
 
     # --- set-up: everything that can fail on bad input fails here, before the first rollout ---
     validate(args)
+    # Three independent streams from one seed, so that e.g. a change in shuffling leaves the rollouts
+    # alone; everything on the CPU is then bitwise reproducible (tested).
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)  # which prompts each epoch
     out_dir = open_run_dir(args)
     model = load_model(args)
     reward_fn = reward.REWARDS[args.reward](model.device)
     train_set, eval_set = load_prompts(args)
+    # only the policy's trainable weights: the prompt encoder (and on SD3.5 the base weights) stay frozen
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     rollout_gen = torch.Generator(model.device).manual_seed(args.seed)  # start noise and SDE noise
@@ -643,10 +651,10 @@ def train(args: Args) -> list[dict]:
     for epoch in range(1, args.epochs + 1):
         chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
         row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, rollout_gen, shuffle_gen)}
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
+        if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
             row.update(evaluate(model, args, reward_fn, eval_set, out_dir, epoch=epoch))
         history.append(row)
-        log_row(out_dir, row)
+        log_row(out_dir, row)  # appended and flushed every epoch: an interrupted run keeps its curve
         print(summary_line(row, args.epochs), flush=True)
 
     finish_run(model, history, out_dir)
@@ -683,6 +691,7 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ro
 def epoch_metrics(r, values, weights, adv, group_ids) -> dict:
     """The SPEC §3 'Logged' keys of one rollout; per-step vectors are lists over k = 0…T−1."""
     terminal = r[:, -1]  # (N,)
+    # frac_zero_std is the collapse meter: the share of groups where GRPO's advantage is exactly 0
     groups = [terminal[group_ids == g] for g in group_ids.unique()]
     return {
         "reward/mean": terminal.mean().item(),
@@ -706,6 +715,7 @@ def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, out_dir=No
     eval_set = eval_set or load_prompts(args)[1]
     prompts, metas = [p for p, _ in eval_set], [m for _, m in eval_set]
     gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
+    # noise_level 0: the deterministic ODE sampler users sample with after training (eq. 10)
     images = sample(model, prompts, args.eval_steps, 0.0, args.guidance_scale, args.eval_batch_size,
                     generator=gen, record=False, desc="eval")[0]
     scores = reward_fn.metrics(images, prompts, metas) if hasattr(reward_fn, "metrics") else \
