@@ -47,7 +47,7 @@ Our reading where the paper is silent (each behind a flag where a careful reader
     7. The KL penalty is the exact KL of the two Gaussian steps, dt included (Flow-GRPO leaves dt out,
        so its β corresponds to a smaller β here).
     8. The toy preset samples without CFG (g = 1) in rollouts, training and evaluation alike: the policy
-       optimised must be the one evaluated, and RL with CFG did not learn on the toy model.
+       optimised must be the one evaluated, and a prototype measured that RL with CFG did not learn there.
 """
 from __future__ import annotations
 
@@ -259,13 +259,15 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
             unused.requires_grad_(False)
         # Pixel space: the "latent" is the image in [-1, 1], so decoding is a rescale.
         decode = lambda x: ((x.float() + 1) / 2).clamp(0, 1)  # noqa: E731
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # no resolution shift at 32×32
+        # no resolution shift at 32×32 (SD3.5 uses 3.0 at 512 px to spend more steps at high noise)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
         latent_shape = (3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
     else:
         # ---- the SD3 loader goes here (SD3.5-M / -L with LoRA via peft, bf16, cached T5/CLIP prompts) ----
         raise UsageError(f"unknown --model {args.model!r}: use 'tiny'")
     # Full fine-tuning keeps a frozen copy as the reference policy (with LoRA it will be the adapter off).
     reference = copy.deepcopy(transformer).requires_grad_(False) if args.beta > 0 else None
+    # prompt → (sequence, pooled) embeddings; the negative prompt "" is encoded once like any other
     cache: dict[str, tuple] = {}
 
     @torch.no_grad()
@@ -285,8 +287,10 @@ def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, di
     import shapes
 
     if args.prompts == "shapes":
+        # the toy world's fixed split: held-out prompts are unseen combinations of trained words
         train = [(p, shapes.METADATA[p]) for p in shapes.TRAIN_PROMPTS]
         return train, [(p, shapes.METADATA[p]) for p in shapes.eval_prompt_list()]
+    # prompt files are plain data: one prompt per line, or one JSON object per line; blank lines skipped
     with open(args.prompts) as f:
         lines = [ln.strip() for ln in f if ln.strip()]
     if args.prompts.endswith(".jsonl"):
@@ -303,6 +307,7 @@ def sample_prompts(train: list, count: int, rng: np.random.Generator) -> list[tu
     """`count` distinct prompts; for the shapes world every GenEval category is equally likely."""
     import shapes
 
+    # without replacement: a prompt appears in at most one group per epoch, so groups are independent
     weights = None
     if all(p in shapes.METADATA for p, _ in train):
         weights = shapes.sampling_weights([p for p, _ in train])
@@ -736,6 +741,7 @@ def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, out_dir=No
 
 def open_run_dir(args: Args) -> str:
     out = args.output_dir or os.path.join("runs", f"{args.algo}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # never append to another run's metrics: two runs in one file would make both unreadable
     if os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise UsageError(f"{out} already holds a run: choose another --output-dir")
     try:
@@ -756,6 +762,7 @@ def save_grid(images, prompts, rows, path) -> None:
     """One row per prompt (its first samples), the prompt written to the left. images (N, 3, H, W)."""
     from PIL import Image, ImageDraw
 
+    # 32-pixel images are enlarged 3× with nearest-neighbour so that single pixels stay visible
     scale, label_w = 3, 260
     h, w = images.shape[2] * scale, images.shape[3] * scale
     cols = max(len(r) for r in rows)
@@ -774,7 +781,7 @@ def plot_curves(history: list[dict], path: str) -> None:
     """curves.png: reward and held-out accuracy by epoch; per-step credit and mean |Â| of the last epoch."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display needed: CI machines and remote GPUs have none
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
@@ -802,6 +809,7 @@ def plot_curves(history: list[dict], path: str) -> None:
 def finish_run(model: Model, history: list[dict], out_dir: str) -> None:
     from safetensors.torch import save_file
 
+    # the fine-tuned policy, loadable with shapes.load_pretrained-style code or any safetensors reader
     state = {k: v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
     save_file(state, os.path.join(out_dir, "transformer.safetensors"))
     plot_curves(history, os.path.join(out_dir, "curves.png"))
@@ -814,7 +822,7 @@ def finish_run(model: Model, history: list[dict], out_dir: str) -> None:
 def print_startup_box(args: Args, model: Model, params, out_dir: str) -> None:
     """The derived numbers, to double-check before a long run."""
     n = args.prompts_per_epoch * args.num_generations
-    micro = n // args.train_batch_size
+    micro = n // args.train_batch_size  # validate() guarantees these divisions are exact
     lines = [
         f"VGPO reference run: --algo {args.algo}, --model {args.model}, --reward {args.reward}, device {model.device}",
         f"N = P·G = {args.prompts_per_epoch}·{args.num_generations} = {n} trajectories per epoch, T = {args.num_steps} steps "
@@ -834,6 +842,7 @@ def print_startup_box(args: Args, model: Model, params, out_dir: str) -> None:
 
 
 def summary_line(row: dict, epochs: int) -> str:
+    # |Â| is averaged over the trained steps only (the last step's advantage is never used)
     s = (f"epoch {row['epoch']:3d}/{epochs} | reward {row['reward/mean']:.3f} (in-group std {row['reward/std']:.3f}, "
          f"zero-std {row['reward/frac_zero_std']:.2f}) | |Â| {np.mean(row['advantage/mean_abs'][:-1]):.3f} | "
          f"clip {row['policy/clip_frac']:.3f} | {row['time/epoch_s']:.1f} s")
@@ -850,6 +859,8 @@ def summary_line(row: dict, epochs: int) -> str:
 
 
 def main(argv=None) -> int:
+    # usage mistakes are one line and exit code 2 (as argparse's own); anything else is a real bug and
+    # keeps its traceback
     try:
         train(parse_args(argv))
     except UsageError as e:
