@@ -30,7 +30,7 @@ def toy_epoch_time(epochs: int = 6, seed: int = 0) -> dict:
     reward_fn = reward.REWARDS[args.reward](model.device)
     train_set, _ = vgpo.load_prompts(args)
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(model.transformer.parameters(), lr=args.learning_rate)
+    optimizer = vgpo.make_optimizer(model, args)  # the same optimizer as a training run
     rollout_gen, shuffle_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     rows = {"vgpo": [], "grpo": []}
     for e in range(epochs + 1):  # epoch 0 is the warm-up

@@ -35,16 +35,17 @@ def shapes_reward(device="cpu", strict_weight: float = 0.5):
         # a prompt file may carry the grammar's metadata; plain text prompts are parsed
         return [m if m and "category" in m else shapes.parse_prompt(p) for p, m in zip(prompts, metadata)]
 
+    def mix(partial, strict):
+        return (1 - strict_weight) * partial + strict_weight * strict
+
     def fn(images, prompts, metadata):
-        partial, strict = shapes.verify(images, metas_of(prompts, metadata))
-        return torch.from_numpy((1 - strict_weight) * partial + strict_weight * strict)
+        return torch.from_numpy(mix(*shapes.verify(images, metas_of(prompts, metadata))))
 
     def metrics(images, prompts, metadata):
         metas = metas_of(prompts, metadata)
         partial, strict = shapes.verify(images, metas)
         cats = np.array([m["category"] for m in metas])
-        out = {"score": float(((1 - strict_weight) * partial + strict_weight * strict).mean()),
-               "partial_credit": float(partial.mean())}
+        out = {"score": float(mix(partial, strict).mean()), "partial_credit": float(partial.mean())}
         per_cat = {c: float(strict[cats == c].mean()) for c in shapes.CATEGORIES if (cats == c).any()}
         out["strict_accuracy"] = float(np.mean(list(per_cat.values())))  # GenEval: mean over categories
         out.update({f"strict/{c}": v for c, v in per_cat.items()})

@@ -643,9 +643,8 @@ def train(args: Args) -> list[dict]:
     model = load_model(args)
     reward_fn = reward.REWARDS[args.reward](model.device)
     train_set, eval_set = load_prompts(args)
-    # only the policy's trainable weights: the prompt encoder (and on SD3.5 the base weights) stay frozen
-    params = [p for p in model.transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args)
+    params = optimizer.param_groups[0]["params"]
     rollout_gen = torch.Generator(model.device).manual_seed(args.seed)  # start noise and SDE noise
     shuffle_gen = torch.Generator().manual_seed(args.seed + 1)  # micro-batch order
     print_startup_box(args, model, params, out_dir)
@@ -664,6 +663,13 @@ def train(args: Args) -> list[dict]:
 
     finish_run(model, history, out_dir)
     return history
+
+
+def make_optimizer(model: Model, args: Args) -> torch.optim.Optimizer:
+    """AdamW over the policy's trainable weights only: the prompt encoder (and on SD3.5 the base
+    weights under LoRA) stay frozen."""
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
 def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, rollout_gen, shuffle_gen) -> dict:
