@@ -54,10 +54,16 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import random
+import re
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -90,6 +96,10 @@ class Args:
     output_dir: str = _f("", "output folder (default runs/<algo>-<seed>-<timestamp>)")
     epochs: int = _f(100, "number of epochs: one rollout of P×G trajectories and its updates each")
     eval_every: int = _f(10, "evaluate on held-out prompts every this many epochs (also at 0 and at the end)")
+    save_every: int = _f(10, "save a checkpoint every this many epochs and at the end; 0 = only on Ctrl-C/SIGTERM or a NaN stop")
+    keep_checkpoints: int = _f(2, "keep the newest this many checkpoints in <output_dir>/checkpoints/")
+    resume: str = _f("", "continue the run in this folder from its last good checkpoint (README: Checkpoints and resuming)")
+    nan_patience: int = _f(3, "stop (with a checkpoint) after this many batches in a row skipped for NaN/inf")
     # sampling
     num_generations: int = _f(8, "G, trajectories per prompt (group size)")
     prompts_per_epoch: int = _f(8, "P, distinct prompts per epoch (N = P·G trajectories)")
@@ -144,6 +154,22 @@ class UsageError(Exception):
     """A mistake in the command line or its files: printed as one line, exit code 2."""
 
 
+class NonFiniteError(RuntimeError):
+    """NaN or inf in rewards or log-probs: the NaN guard skips the batch (see NanGuard)."""
+
+
+class RewardError(RuntimeError):
+    """The reward model raised; the message names it (the original exception is chained)."""
+
+
+class RunStopped(Exception):
+    """The run stopped early after saving a checkpoint (a signal, or the NaN guard); `code` is the exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def make_args(**overrides) -> Args:
     """Args for `overrides["model"]` with its preset applied, then `overrides` (what the user set)."""
     # order of precedence: what the user set > the model's preset > the Args default (SD3.5's)
@@ -161,7 +187,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> Args:
-    """The command line, generated from the Args fields: `--field-name VALUE`, `--flag/--no-flag`."""
+    """The command line, generated from the Args fields: `--field-name VALUE`, `--flag/--no-flag`.
+    With `--resume DIR` the run's saved settings are the base and only safe flags may change them."""
     # SUPPRESS: a flag the user did not type is absent from the namespace, so the preset can fill it
     p = _Parser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Args):
@@ -173,13 +200,18 @@ def parse_args(argv=None) -> Args:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
         else:
             p.add_argument(flag, type=ftype, help=help, metavar=f.name.upper())
-    return make_args(**vars(p.parse_args(argv)))
+    given = vars(p.parse_args(argv))
+    return resume_args(**given) if given.get("resume") else make_args(**given)
 
 
 def validate(args: Args) -> None:
     """Reject bad settings with a message that says what to do, before anything heavy is loaded."""
     import reward
 
+    # every float must be a number: argparse accepts "nan" and "inf", which pass none of the range checks below
+    bad_floats = [f.name for f in dataclasses.fields(Args) if f.type == "float" and not math.isfinite(getattr(args, f.name))]
+    if bad_floats:
+        raise UsageError(f"--{bad_floats[0].replace('_', '-')} must be a finite number")
     checks = [
         (args.model in MODELS, f"unknown --model {args.model!r}: use 'tiny' (SD3-family models are not wired in yet)"),
         (args.algo in ("vgpo", "grpo"), f"unknown --algo {args.algo!r}: use 'vgpo' or 'grpo'"),
@@ -190,16 +222,26 @@ def validate(args: Args) -> None:
         (args.eval_steps >= 1, "--eval-steps must be ≥ 1"),
         (args.anchor_steps >= 0, "--anchor-steps must be ≥ 0 (a value ≥ --num-steps anchors every step)"),
         (args.noise_level > 0, "--noise-level must be > 0: the policy needs a stochastic step to have log-probs"),
-        (args.clip_range > 0, "--clip-range must be > 0"),
+        (0 < args.clip_range < 1, f"--clip-range must be in (0, 1), got {args.clip_range}"),
         (args.beta >= 0 and args.anchor_coef >= 0, "--beta and --anchor-coef must be ≥ 0"),
+        (args.guidance_scale >= 1, "--guidance-scale must be ≥ 1 (1 = no classifier-free guidance)"),
         (args.scale_rewards in ("group", "batch", "none"), "--scale-rewards must be 'group', 'batch' or 'none'"),
+        (args.adv_clip_max > 0, "--adv-clip-max must be > 0"),
+        (args.learning_rate > 0 and args.max_grad_norm > 0, "--learning-rate and --max-grad-norm must be > 0"),
+        (args.weight_decay >= 0, "--weight-decay must be ≥ 0"),
+        (args.seed >= 0, "--seed must be ≥ 0"),
         (args.epochs >= 1 and args.eval_every >= 1, "--epochs and --eval-every must be ≥ 1"),
+        (args.save_every >= 0, "--save-every must be ≥ 0 (0 = checkpoints only on an interruption)"),
+        (args.keep_checkpoints >= 1 and args.nan_patience >= 1, "--keep-checkpoints and --nan-patience must be ≥ 1"),
         (args.prompts_per_epoch >= 1 and args.train_batch_size >= 1 and args.gradient_accumulation_steps >= 1
          and args.eval_batch_size >= 1, "batch sizes and --prompts-per-epoch must be ≥ 1"),
         (args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(),
          f"--device {args.device!r} is not available here: use 'cpu' or 'auto'"),
         (args.prompts == "shapes" or os.path.isfile(args.prompts),
          f"--prompts file {args.prompts!r} not found: give a .txt (one prompt per line) or .jsonl file, or 'shapes'"),
+        (not args.resume or os.path.isdir(args.resume), f"--resume {args.resume!r}: no such folder"),
+        (not args.resume or not args.output_dir or os.path.abspath(args.output_dir) == os.path.abspath(args.resume),
+         "a resumed run continues in its own folder: drop --output-dir"),
     ]
     for ok, message in checks:
         if not ok:
@@ -229,6 +271,9 @@ class Model:
     latent_shape: tuple  # (C, H, W)
     reference: torch.nn.Module | None = None  # frozen v_ref for the KL term (None when β = 0)
     device: str = "cpu"
+    # the prompt batches `encode` has run, in order: a resumed run replays them, because a batched encoder's
+    # output depends (in the last bits) on the batch, and a cache filled otherwise would change the run
+    encoded: list = field(default_factory=list)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """σ_0 = 1 > … > σ_T = 0, (T+1,) in fp32, exactly the scheduler's."""
@@ -269,17 +314,19 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
     reference = copy.deepcopy(transformer).requires_grad_(False) if args.beta > 0 else None
     # prompt → (sequence, pooled) embeddings; the negative prompt "" is encoded once like any other
     cache: dict[str, tuple] = {}
+    encoded: list[list[str]] = []
 
     @torch.no_grad()
     def encode(prompts: list[str]):
         """Prompts are encoded once and cached: the prompt encoder is frozen during RL."""
         missing = sorted({p for p in prompts if p not in cache})
         if missing:
+            encoded.append(missing)
             seq, pooled = encoder(missing)
             cache.update({p: (s, q) for p, s, q in zip(missing, seq, pooled)})
         return torch.stack([cache[p][0] for p in prompts]), torch.stack([cache[p][1] for p in prompts])
 
-    return Model(transformer, encode, decode, scheduler, latent_shape, reference, device)
+    return Model(transformer, encode, decode, scheduler, latent_shape, reference, device, encoded)
 
 
 def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
@@ -289,18 +336,39 @@ def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, di
     if args.prompts == "shapes":
         # the toy world's fixed split: held-out prompts are unseen combinations of trained words
         train = [(p, shapes.METADATA[p]) for p in shapes.TRAIN_PROMPTS]
+        if len(train) < args.prompts_per_epoch:
+            raise UsageError(f"--prompts-per-epoch {args.prompts_per_epoch} is more than the {len(train)} training prompts")
         return train, [(p, shapes.METADATA[p]) for p in shapes.eval_prompt_list()]
     # prompt files are plain data: one prompt per line, or one JSON object per line; blank lines skipped
-    with open(args.prompts) as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --prompts {args.prompts!r} as UTF-8 text: {e}") from None
     if args.prompts.endswith(".jsonl"):
-        rows = [json.loads(ln) for ln in lines]
+        rows = [_jsonl_row(ln, i, args.prompts) for i, ln in enumerate(lines, 1)]
         train = [(r.pop("prompt"), r) for r in rows]
     else:
         train = [(ln, {}) for ln in lines]
     if len(train) < args.prompts_per_epoch:
         raise UsageError(f"{args.prompts} has {len(train)} prompts, fewer than --prompts-per-epoch {args.prompts_per_epoch}")
+    if args.model == "tiny":  # the toy encoder knows only the shapes world's words: say so now, not mid-rollout
+        unknown = sorted({w for p, _ in train for w in p.split() if w not in shapes.VOCAB[2:]})
+        if unknown or max(len(p.split()) for p, _ in train) >= shapes.MAX_TOKENS:
+            raise UsageError(f"{args.prompts}: the tiny model knows only the shapes world's words, at most "
+                             f"{shapes.MAX_TOKENS - 1} per prompt (unknown: {', '.join(unknown[:8]) or 'none'})")
     return train, train  # no split given: evaluate on the training prompts
+
+
+def _jsonl_row(line: str, number: int, path: str) -> dict:
+    """One .jsonl prompt row, {"prompt": str, other fields = metadata}; a bad row is a one-line error."""
+    try:
+        row = json.loads(line)  # plain JSON: no code is ever run from a prompt file
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}, prompt {number}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise UsageError(f'{path}, prompt {number}: each line must be an object with a "prompt" string')
+    return row
 
 
 def sample_prompts(train: list, count: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
@@ -462,7 +530,7 @@ def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[
     n, T = traj.log_probs.shape
     r = torch.zeros((n, T), device=model.device)
     if not previews:
-        r[:, -1] = _checked(reward_fn(traj.images, traj.prompts, metadata), "terminal")
+        r[:, -1] = _checked(reward_fn(traj.images, traj.prompts, metadata), "terminal reward")
         return r
     # All N·T previews go through the decoder and the reward in large batches: on SD3.5 this is where
     # VGPO's extra cost lives (T decodes and reward calls per image instead of one), so it is batched
@@ -472,14 +540,13 @@ def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[
     metas = [m for m in metadata for _ in range(T)]
     out = [reward_fn(model.decode(flat[s : s + batch_size]), prompts[s : s + batch_size], metas[s : s + batch_size])
            for s in range(0, len(flat), batch_size)]
-    return _checked(torch.cat(out), "instant").to(model.device).view(n, T)
+    return _checked(torch.cat(out), "instant reward").to(model.device).view(n, T)
 
 
 def _checked(r, what):
-    # a NaN reward would silently turn every advantage of its group into NaN: stop with a clear message
+    # a NaN reward would silently turn every advantage of its group into NaN: train_epoch skips the batch
     if not torch.isfinite(r).all():
-        raise RuntimeError(f"the reward returned NaN/inf for {int((~torch.isfinite(r)).sum())} {what} images: "
-                           "check the reward model and its inputs")
+        raise NonFiniteError(f"{int((~torch.isfinite(r)).sum())} NaN/inf {what} value(s)")
     return r.float()
 
 
@@ -584,9 +651,10 @@ def policy_loss(log_probs, log_probs_old, advantages, clip_range, kl=None, beta=
     return l_clip + beta * l_kl, stats
 
 
-def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, generator=None) -> dict:
+def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, generator=None, guard=None) -> dict:
     """Eq. (9): shuffle the N trajectories into micro-batches; for each micro-batch and trained step k
-    (0…T−2): forward, loss, backward; an optimizer step every `gradient_accumulation_steps` micro-batches."""
+    (0…T−2): forward, loss, backward; an optimizer step every `gradient_accumulation_steps` micro-batches.
+    An optimizer step whose loss or gradient is NaN/inf is skipped and counted by `guard` (a NanGuard)."""
     # One backward per (micro-batch, step): activations of a single transformer call are alive at a
     # time, which is what lets SD3.5 train on one GPU. The transformer stays in eval mode: it has no
     # dropout, and eval mode keeps the re-scored log-probs identical to the rollout's (ratio = 1).
@@ -596,6 +664,7 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
     # shuffle so that a micro-batch mixes prompts (its own generator: the rollout noise stays independent)
     perm = torch.randperm(n, generator=generator).to(model.device)
     stats = defaultdict(list)
+    guard, bad = guard if guard is not None else NanGuard(args.nan_patience), None  # bad: what was NaN/inf
     bar = _progress(math.ceil(n / args.train_batch_size) * trained, "update")
     for i, idx in enumerate(perm.split(args.train_batch_size)):
         prompts = [traj.prompts[j] for j in idx.tolist()]
@@ -612,14 +681,20 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
                     _, _, mean_ref, _ = sde_step_with_logprob(v_ref, x, sigma, sigma_next, args.noise_level, prev_sample=x_next)
                 kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
             loss, s = policy_loss(log_prob, traj.log_probs[idx, k], advantages[idx, k], args.clip_range, kl, args.beta)
+            if not torch.isfinite(loss):  # NaN guard: no backward, and this optimizer step will be skipped
+                bad = "the loss"
+                continue
             (loss / (trained * accum)).backward()  # the optimizer step sees the mean over steps and micro-batches
             for key, val in s.items():
                 stats[key].append(val)
             bar.update()
         if (i + 1) % accum == 0:  # gradient-norm clip 1.0 as Flow-GRPO: a rare huge advantage cannot jump
-            stats["policy/grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item())
-            optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if guard.record(bad is None and bool(torch.isfinite(norm)), bad or "the gradient"):  # NaN guard
+                stats["policy/grad_norm"].append(norm.item())
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            bad = None
     bar.close()
     return {key: float(np.mean(v)) for key, v in stats.items()}
 
@@ -630,36 +705,45 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
 
 
 def train(args: Args) -> list[dict]:
-    """The whole method: per epoch rollout → rewards → values → advantages → update. Returns the metric rows."""
-    import reward
-
+    """The whole method: per epoch rollout → rewards → values → advantages → update. Returns the metric rows.
+    With `args.resume` it continues that run from its last good checkpoint (see the checkpoint plumbing)."""
     # --- set-up: everything that can fail on bad input fails here, before the first rollout ---
     validate(args)
+    checkpoint = find_checkpoint(args) if args.resume else None  # the newest undamaged one, or a one-line error
+    args = dataclasses.replace(args, output_dir=args.resume or args.output_dir)  # a resumed run stays in its folder
     # Three independent streams from one seed, so that e.g. a change in shuffling leaves the rollouts
     # alone; everything on the CPU is then bitwise reproducible (tested).
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)  # which prompts each epoch
-    out_dir = open_run_dir(args)
+    train_set, eval_set = load_prompts(args)  # a bad prompt file fails here, before the model is loaded
+    out_dir = open_run_dir(args, checkpoint)
     model = load_model(args)
-    reward_fn = reward.REWARDS[args.reward](model.device)
-    train_set, eval_set = load_prompts(args)
+    reward_fn = named_reward(args.reward, model.device)  # whatever the reward model raises names it
     optimizer = make_optimizer(model, args)
     params = optimizer.param_groups[0]["params"]
     rollout_gen = torch.Generator(model.device).manual_seed(args.seed)  # start noise and SDE noise
     shuffle_gen = torch.Generator().manual_seed(args.seed + 1)  # micro-batch order
+    rngs, guard = {"prompts": rng, "rollout": rollout_gen, "shuffle": shuffle_gen}, NanGuard(args.nan_patience)
     print_startup_box(args, model, params, out_dir)
 
     # --- epoch 0: the base model on the held-out prompts, the reference point of every curve ---
-    history = [{"epoch": 0, **evaluate(model, args, reward_fn, eval_set, out_dir, epoch=0)}]  # the base model
-    log_row(out_dir, history[-1])
-    for epoch in range(1, args.epochs + 1):
-        chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
-        row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, rollout_gen, shuffle_gen)}
-        if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
-            row.update(evaluate(model, args, reward_fn, eval_set, out_dir, epoch=epoch))
-        history.append(row)
-        log_row(out_dir, row)  # appended and flushed every epoch: an interrupted run keeps its curve
-        print(summary_line(row, args.epochs), flush=True)
+    if checkpoint:  # a resumed run puts back weights, optimizer, random states and its metric rows instead
+        history = restore_checkpoint(checkpoint, model, optimizer, rngs, guard)
+    else:
+        history = [{"epoch": 0, **evaluate(model, args, reward_fn, eval_set, out_dir, epoch=0)}]  # the base model
+        log_row(out_dir, history[-1])
+    with StopSignals() as stop:  # Ctrl-C or SIGTERM: the epoch in progress finishes, then a checkpoint is saved
+        for epoch in range(history[-1]["epoch"] + 1, args.epochs + 1):
+            chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
+            row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, rollout_gen, shuffle_gen, guard)}
+            if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
+                row.update(evaluate(model, args, reward_fn, eval_set, out_dir, epoch=epoch))
+            history.append(row)
+            log_row(out_dir, row)  # appended and flushed every epoch: an interrupted run keeps its curve
+            print(summary_line(row, args.epochs), flush=True)
+            if stop.signum or guard.tripped or args.save_every and (epoch % args.save_every == 0 or epoch == args.epochs):
+                saved = save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history)
+                raise_if_stopped(stop.signum, guard, saved, args, epoch)
 
     finish_run(model, history, out_dir)
     return history
@@ -672,15 +756,24 @@ def make_optimizer(model: Model, args: Args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
-def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, rollout_gen, shuffle_gen) -> dict:
-    """One epoch on the P `chosen` (prompt, metadata) pairs: rollout → rewards → credit → update."""
+def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, rollout_gen, shuffle_gen,
+                guard=None) -> dict:
+    """One epoch on the P `chosen` (prompt, metadata) pairs: rollout → rewards → credit → update.
+    `guard` (a NanGuard) counts the batches skipped for NaN/inf; logged as guard/skipped_batches."""
+    guard = guard if guard is not None else NanGuard(args.nan_patience)
+    guard.skipped = 0
     # --- sample: P prompts × G trajectories with their old log-probs and previews ---
     t0 = time.time()
     traj = rollout(model, [p for p, _ in chosen], args, generator=rollout_gen)  # eqs. (1)–(2)
     metadata = [m for _, m in chosen for _ in range(args.num_generations)]
     t1 = time.time()
     use_previews = args.algo == "vgpo" and args.temporal_values  # GRPO never looks at previews
-    r = instant_rewards(model, traj, reward_fn, metadata, previews=use_previews)  # eq. (3), (N, T)
+    try:  # NaN guard: a rollout with a NaN/inf reward or log-prob is not learned from
+        r = instant_rewards(model, traj, reward_fn, metadata, previews=use_previews)  # eq. (3), (N, T)
+        _checked(traj.log_probs, "log-prob")
+    except NonFiniteError as e:
+        guard.record(False, f"the rollout ({e})")
+        return {"guard/skipped_batches": guard.skipped, "time/rollout_s": t1 - t0, "time/epoch_s": time.time() - t0}
     t2 = time.time()
     # --- credit: per-step values and advantages (VGPO) or one advantage for all steps (GRPO) ---
     if args.algo == "vgpo":
@@ -693,8 +786,8 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ro
         adv = grpo_advantages(r[:, -1], traj.group_ids, args.scale_rewards, args.adv_clip_max, args.num_steps)  # eq. (7)
     t3 = time.time()
     # --- learn: clipped policy gradient over the rollout ---
-    stats = update(model, traj, adv, optimizer, args, shuffle_gen)  # eqs. (8)–(9)
-    return {**epoch_metrics(r, values, weights, adv, traj.group_ids), **stats,
+    stats = update(model, traj, adv, optimizer, args, shuffle_gen, guard)  # eqs. (8)–(9)
+    return {**epoch_metrics(r, values, weights, adv, traj.group_ids), **stats, "guard/skipped_batches": guard.skipped,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
             "time/epoch_s": time.time() - t0}
 
@@ -745,15 +838,18 @@ def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, out_dir=No
 # ====================================================================================================
 
 
-def open_run_dir(args: Args) -> str:
+def open_run_dir(args: Args, checkpoint: dict | None = None) -> str:
+    """The run folder, checked writable; a resumed run's metrics.jsonl is cut back to its checkpoint's rows."""
     out = args.output_dir or os.path.join("runs", f"{args.algo}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     # never append to another run's metrics: two runs in one file would make both unreadable
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise UsageError(f"{out} already holds a run: choose another --output-dir")
+    if checkpoint is None and any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "checkpoints")):
+        raise UsageError(f"{out} already holds a run: choose another --output-dir, or continue it with --resume {out}")
     try:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         with open(os.path.join(out, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=2)
+        if checkpoint is not None:
+            rewrite_metrics(out, checkpoint["history"])
     except OSError as e:
         raise UsageError(f"cannot write to --output-dir {out!r}: {e.strerror}") from None
     return out
@@ -848,10 +944,14 @@ def print_startup_box(args: Args, model: Model, params, out_dir: str) -> None:
 
 
 def summary_line(row: dict, epochs: int) -> str:
+    if "reward/mean" not in row:  # the NaN guard skipped this epoch's rollout
+        return f"epoch {row['epoch']:3d}/{epochs} | skipped: NaN/inf in the rollout | {row['time/epoch_s']:.1f} s"
     # |Â| is averaged over the trained steps only (the last step's advantage is never used)
     s = (f"epoch {row['epoch']:3d}/{epochs} | reward {row['reward/mean']:.3f} (in-group std {row['reward/std']:.3f}, "
          f"zero-std {row['reward/frac_zero_std']:.2f}) | |Â| {np.mean(row['advantage/mean_abs'][:-1]):.3f} | "
-         f"clip {row['policy/clip_frac']:.3f} | {row['time/epoch_s']:.1f} s")
+         f"clip {row.get('policy/clip_frac', math.nan):.3f} | {row['time/epoch_s']:.1f} s")
+    if row.get("guard/skipped_batches"):
+        s += f" | {row['guard/skipped_batches']} batch(es) skipped for NaN/inf"
     if "eval/strict_accuracy" in row:
         s += f" | held-out strict {row['eval/strict_accuracy']:.3f}"
     elif "eval/score" in row:
@@ -860,11 +960,283 @@ def summary_line(row: dict, epochs: int) -> str:
 
 
 # ====================================================================================================
+# Checkpoints, resuming, interruptions and NaN guards (plumbing)
+# ====================================================================================================
+# An RL run on SD3.5 takes hours; a crash, a Ctrl-C, a full disk or one NaN must not cost it. A checkpoint
+# is a folder <output_dir>/checkpoints/epoch_NNNN/ with
+#     weights.safetensors   the trainable parameters by name (the whole tiny model; the LoRA weights on SD3.5)
+#     state.pt              the optimizer and every random state: python, numpy, torch, and the prompt,
+#                           rollout and shuffle generators (tensors, dicts and numbers only: read back with
+#                           torch.load(weights_only=True), which cannot run code)
+#     meta.json             epoch, settings, the metric rows so far, the prompt-encoding order (Model.encoded),
+#                           the NaN guard's count, and the SHA-256 of the two files above
+# It is written as .tmp-epoch_NNNN and renamed when complete (a rename is atomic), so a crash or a full
+# disk mid-write leaves the earlier checkpoints as they were. --resume DIR takes the newest checkpoint that
+# matches its checksums and loads (a damaged one is renamed *.damaged, with a message), cuts metrics.jsonl
+# back to the checkpoint's rows and continues; on the CPU the result is bitwise that of an uninterrupted
+# run (tested). Exit codes are in main().
+
+# Flags that may differ from the saved run on --resume: they change when or where things happen, not what
+# is computed (a change of --device does change the numbers a little; the run says so).
+SAFE_ON_RESUME = ("epochs", "eval_every", "save_every", "keep_checkpoints", "nan_patience", "device", "eval_batch_size")
+CHECKPOINT_FILES = ("weights.safetensors", "state.pt")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_same(saved: dict, given: dict, where: str) -> None:
+    """A one-line error for the first setting in `given` that is not safe to change and differs from `saved`."""
+    for k, v in given.items():
+        if k not in (*SAFE_ON_RESUME, "resume", "output_dir") and k in saved and saved[k] != v:
+            raise UsageError(f"{_flag(k)} {v!r} conflicts with {saved[k]!r} in {where}: a resumed run may change only "
+                             f"{', '.join(map(_flag, SAFE_ON_RESUME))}; start a new run to change {_flag(k)}")
+
+
+def resume_args(resume: str, **given) -> Args:
+    """The settings of the run in folder `resume` (its args.json), updated with the flags in `given` that are
+    safe to change (SAFE_ON_RESUME); any other flag given must repeat the saved value."""
+    try:
+        with open(os.path.join(resume, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise UsageError(f"--resume {resume!r} is not a run folder (no readable args.json): give a run's output folder") from None
+    if given.get("output_dir") and os.path.abspath(given["output_dir"]) != os.path.abspath(resume):
+        raise UsageError("a resumed run continues in its own folder: drop --output-dir")
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}}
+    _check_same(saved, given, f"the run in {resume}")
+    return Args(**{**saved, **{k: v for k, v in given.items() if k in SAFE_ON_RESUME}, "resume": resume, "output_dir": resume})
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: str) -> None:  # a file or a folder on disk, not only in the page cache
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_states(rngs: dict) -> dict:
+    """Every random state a run draws from, as tensors, dicts and numbers."""
+    np_global = np.random.get_state(legacy=False)
+    np_global["state"]["key"] = np_global["state"]["key"].tolist()  # weights_only loads no numpy arrays
+    return {"python": random.getstate(), "numpy": np_global, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "prompts": rngs["prompts"].bit_generator.state, "shuffle": rngs["shuffle"].get_state(),
+            "rollout": rngs["rollout"].get_state(), "rollout_device": rngs["rollout"].device.type}
+
+
+def set_rng_states(s: dict, rngs: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.device_count() == len(s["cuda"]):
+        torch.cuda.set_rng_state_all(s["cuda"])
+    rngs["prompts"].bit_generator.state = s["prompts"]
+    rngs["shuffle"].set_state(s["shuffle"])
+    if rngs["rollout"].device.type == s["rollout_device"]:
+        rngs["rollout"].set_state(s["rollout"])
+    else:  # a CPU generator's state means nothing to a CUDA one: a new stream, seeded from the old state
+        rngs["rollout"].manual_seed(int(hashlib.sha256(s["rollout"].numpy().tobytes()).hexdigest()[:15], 16))
+        print(f"vgpo.py: note: the rollout noise moved from {s['rollout_device']} to {rngs['rollout'].device.type}: "
+              "the run continues correctly but not bitwise as it would have on the old device", file=sys.stderr)
+
+
+def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history) -> str | None:
+    """Write checkpoints/epoch_NNNN atomically and keep the newest `args.keep_checkpoints`. Returns its path,
+    or None (with a warning; the run goes on) when it could not be written, e.g. on a full disk."""
+    from safetensors.torch import save_file
+
+    root = os.path.join(out_dir, "checkpoints")
+    final, tmp = os.path.join(root, f"epoch_{epoch:04d}"), os.path.join(root, f".tmp-epoch_{epoch:04d}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.transformer.named_parameters() if p.requires_grad}
+        save_file(weights, os.path.join(tmp, "weights.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(rngs)}, os.path.join(tmp, "state.pt"))
+        meta = {"epoch": epoch, "args": dataclasses.asdict(args), "history": history, "encoded": model.encoded,
+                "nan_in_a_row": guard.in_a_row, "sha256": {f: _sha256(os.path.join(tmp, f)) for f in CHECKPOINT_FILES}}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        for f in (*CHECKPOINT_FILES, "meta.json", ""):  # the files, then the folder, reach the disk
+            _fsync(os.path.join(tmp, f))
+        if os.path.exists(final):  # a resumed run passing an epoch saved before (it was set aside as damaged)
+            shutil.rmtree(final)
+        os.rename(tmp, final)  # the moment the checkpoint exists, complete
+        _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"vgpo.py: warning: could not save checkpoint {final} ({e}); the run goes on", file=sys.stderr, flush=True)
+        return None
+    # keep the newest K; also clear temporary folders left by a run killed mid-write
+    done = sorted((n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n)), key=lambda n: int(n[6:]))
+    for name in done[: -args.keep_checkpoints] + [n for n in os.listdir(root) if n.startswith(".tmp-")]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: str) -> dict:
+    """meta.json of a checkpoint with `weights` and `state` added, on the CPU; raises if anything is damaged."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "meta.json")) as f:
+        ckpt = json.load(f)
+    for name in CHECKPOINT_FILES:
+        if _sha256(os.path.join(path, name)) != ckpt["sha256"][name]:
+            raise ValueError(f"{name} does not match its checksum")
+    ckpt["weights"] = load_file(os.path.join(path, "weights.safetensors"))
+    ckpt["state"] = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    return ckpt
+
+
+def find_checkpoint(args: Args) -> dict:
+    """The newest checkpoint in args.resume that is complete and undamaged, read. A damaged one is renamed
+    *.damaged (kept for inspection, out of the way of later saves), reported, and the previous one tried."""
+    root = os.path.join(args.resume, "checkpoints")
+    names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"epoch_\d+", n)]
+    for name in sorted(names, key=lambda n: int(n[6:]), reverse=True):
+        path = os.path.join(root, name)
+        try:
+            ckpt = read_checkpoint(path)
+        except Exception as e:  # truncation, flipped bits, missing files: all end up here
+            shutil.rmtree(path + ".damaged", ignore_errors=True)
+            os.rename(path, path + ".damaged")
+            print(f"vgpo.py: checkpoint {path} is damaged ({type(e).__name__}: {e}); set aside as {name}.damaged, "
+                  "trying the one before it", file=sys.stderr, flush=True)
+            continue
+        _check_same(ckpt["args"], dataclasses.asdict(args), f"checkpoint {path}")
+        if ckpt["epoch"] >= args.epochs:
+            raise UsageError(f"the run in {args.resume} has reached epoch {ckpt['epoch']}: give --epochs above "
+                             f"{ckpt['epoch']} to train it further")
+        print(f"resuming {args.resume} from {name} (epoch {ckpt['epoch']}, training to epoch {args.epochs})", flush=True)
+        return ckpt
+    raise UsageError(f"no usable checkpoint in {root}: the run saved none (see --save-every); start a new run")
+
+
+def rewrite_metrics(out_dir: str, rows: list[dict]) -> None:
+    """metrics.jsonl := the checkpoint's rows (atomically): rows a killed run logged after its last checkpoint
+    go, as the resumed run computes those epochs again; no epoch is missing or logged twice."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    logged = 0
+    if os.path.exists(path):
+        with open(path) as f:
+            logged = sum(1 for line in f if line.strip())
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+    if logged > len(rows):
+        print(f"metrics.jsonl: {logged - len(rows)} row(s) logged after the checkpoint dropped; those epochs run again")
+
+
+def restore_checkpoint(ckpt: dict, model: Model, optimizer, rngs: dict, guard) -> list[dict]:
+    """Put a checkpoint's weights, optimizer state, prompt cache and random states back; returns its rows."""
+    params = dict(model.transformer.named_parameters())
+    if set(ckpt["weights"]) != {n for n, p in params.items() if p.requires_grad}:
+        raise UsageError("the checkpoint's weights do not fit this model's trainable parameters")
+    with torch.no_grad():
+        for name, value in ckpt["weights"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(ckpt["state"]["optimizer"])
+    for batch in ckpt["encoded"]:  # the prompt cache, filled in the original order (see Model.encoded)
+        model.encode(batch)
+    set_rng_states(ckpt["state"]["rng"], rngs)
+    guard.in_a_row = ckpt["nan_in_a_row"]
+    return ckpt["history"]
+
+
+@dataclass
+class NanGuard:
+    """Counts batches skipped for NaN/inf. A batch is one rollout (its rewards or log-probs) or one optimizer
+    step (its loss or gradient); an applied optimizer step resets the count of skips in a row, and
+    `patience` in a row trip the guard: the run stops after the epoch, with a checkpoint (exit code 3)."""
+
+    patience: int
+    in_a_row: int = 0
+    skipped: int = 0  # in the current epoch: logged as guard/skipped_batches
+    tripped: bool = False
+    last: str = ""  # what was not finite, for the stop message
+
+    def record(self, ok: bool, what: str = "") -> bool:
+        """Count one batch, good (`ok`) or skipped; returns `ok`."""
+        if ok:
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.skipped, self.last = self.in_a_row + 1, self.skipped + 1, what
+        self.tripped |= self.in_a_row >= self.patience
+        print(f"vgpo.py: warning: NaN/inf in {what}: batch skipped ({self.in_a_row} in a row; the run stops at "
+              f"{self.patience}, --nan-patience)", file=sys.stderr, flush=True)
+        return False
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM set `signum` and the loop stops after the epoch in progress,
+    with a checkpoint; a second signal stops at once (KeyboardInterrupt, the epoch is lost)."""
+
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nvgpo.py: {signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint "
+              "(send it again to stop at once, losing the epoch)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def raise_if_stopped(signum, guard: NanGuard, saved: str | None, args: Args, epoch: int) -> None:
+    """After a checkpoint: RunStopped if a signal came (unless the run is complete anyway) or the guard tripped."""
+    where = f"checkpoint {saved}" if saved else "no checkpoint could be saved (see the warning above)"
+    again = f"python vgpo.py --resume {args.output_dir}"
+    if guard.tripped:
+        raise RunStopped(f"stopped after epoch {epoch}: {guard.in_a_row} batches in a row had NaN/inf (last: "
+                         f"{guard.last}); {where}. Fix the cause, then continue with: {again}", code=3)
+    if signum and epoch < args.epochs:
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} after epoch {epoch}/{args.epochs}; {where}. "
+                         f"Continue with: {again}", code=128 + signum)
+
+
+def named_reward(name: str, device):
+    """reward.REWARDS[name](device), whose exceptions (when built or called) become a RewardError naming it."""
+    import reward
+
+    def call(fn, *a):
+        try:
+            return fn(*a)
+        except Exception as e:
+            raise RewardError(f"the reward {name!r} raised {type(e).__name__}: {e}") from e
+
+    fn = call(reward.REWARDS[name], device)
+    wrapped = lambda *a: call(fn, *a)  # noqa: E731
+    if hasattr(fn, "metrics"):
+        wrapped.metrics = lambda *a: call(fn.metrics, *a)
+    return wrapped
+
+
+# ====================================================================================================
 # Entry point
 # ====================================================================================================
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done; 2 a usage error (one line); 3 stopped by the NaN guard; 130 / 143 stopped by
+    SIGINT / SIGTERM after saving a checkpoint; 1 anything else (a bug, or a reward model that raised)."""
     # usage mistakes are one line and exit code 2 (as argparse's own); anything else is a real bug and
     # keeps its traceback
     try:
@@ -872,8 +1244,12 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"vgpo.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vgpo.py: interrupted; metrics so far are in the run's metrics.jsonl", file=sys.stderr)
+    except RunStopped as e:  # a checkpoint was saved; the message says how to resume
+        print(f"vgpo.py: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint of this epoch
+        print("vgpo.py: interrupted at once; if the run saved a checkpoint, continue with --resume <the run's folder>",
+              file=sys.stderr)
         return 130
     return 0
 
