@@ -10,6 +10,7 @@ Run:
     python vgpo.py                      # the built-in tiny model on the shapes toy world, CPU, minutes
     python vgpo.py --algo grpo          # the Flow-GRPO baseline, same code and budget
     python vgpo.py --help               # every hyperparameter with its paper symbol
+    python vgpo.py --resume runs/<run>  # continue an interrupted run from its last checkpoint
 
 Time runs from noise to data: σ_0 = 1 > σ_1 > … > σ_T = 0 are the scheduler's sigmas, step k maps
 x_k → x_{k+1}, the velocity is v ≈ noise − x_0 and an Euler step is x + v·dt with dt = σ_{k+1} − σ_k < 0.
@@ -96,9 +97,9 @@ class Args:
     output_dir: str = _f("", "output folder (default runs/<algo>-<seed>-<timestamp>)")
     epochs: int = _f(100, "number of epochs: one rollout of P×G trajectories and its updates each")
     eval_every: int = _f(10, "evaluate on held-out prompts every this many epochs (also at 0 and at the end)")
-    save_every: int = _f(10, "save a checkpoint every this many epochs and at the end; 0 = only on Ctrl-C/SIGTERM or a NaN stop")
+    save_every: int = _f(10, "save a checkpoint every this many epochs and at the end (0: only when stopped early)")
     keep_checkpoints: int = _f(2, "keep the newest this many checkpoints in <output_dir>/checkpoints/")
-    resume: str = _f("", "continue the run in this folder from its last good checkpoint (README: Checkpoints and resuming)")
+    resume: str = _f("", "continue the run in this folder from its last good checkpoint (README: Checkpoints ...)")
     nan_patience: int = _f(3, "stop (with a checkpoint) after this many batches in a row skipped for NaN/inf")
     # sampling
     num_generations: int = _f(8, "G, trajectories per prompt (group size)")
@@ -209,9 +210,9 @@ def validate(args: Args) -> None:
     import reward
 
     # every float must be a number: argparse accepts "nan" and "inf", which pass none of the range checks below
-    bad_floats = [f.name for f in dataclasses.fields(Args) if f.type == "float" and not math.isfinite(getattr(args, f.name))]
-    if bad_floats:
-        raise UsageError(f"--{bad_floats[0].replace('_', '-')} must be a finite number")
+    for f in dataclasses.fields(Args):
+        if f.type == "float" and not math.isfinite(getattr(args, f.name)):
+            raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number")
     checks = [
         (args.model in MODELS, f"unknown --model {args.model!r}: use 'tiny' (SD3-family models are not wired in yet)"),
         (args.algo in ("vgpo", "grpo"), f"unknown --algo {args.algo!r}: use 'vgpo' or 'grpo'"),
@@ -337,7 +338,8 @@ def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, di
         # the toy world's fixed split: held-out prompts are unseen combinations of trained words
         train = [(p, shapes.METADATA[p]) for p in shapes.TRAIN_PROMPTS]
         if len(train) < args.prompts_per_epoch:
-            raise UsageError(f"--prompts-per-epoch {args.prompts_per_epoch} is more than the {len(train)} training prompts")
+            raise UsageError(f"--prompts-per-epoch {args.prompts_per_epoch} is more than the {len(train)} "
+                             "training prompts")
         return train, [(p, shapes.METADATA[p]) for p in shapes.eval_prompt_list()]
     # prompt files are plain data: one prompt per line, or one JSON object per line; blank lines skipped
     try:
@@ -735,7 +737,8 @@ def train(args: Args) -> list[dict]:
     with StopSignals() as stop:  # Ctrl-C or SIGTERM: the epoch in progress finishes, then a checkpoint is saved
         for epoch in range(history[-1]["epoch"] + 1, args.epochs + 1):
             chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
-            row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, rollout_gen, shuffle_gen, guard)}
+            row = {"epoch": epoch,
+                   **train_epoch(model, chosen, args, reward_fn, optimizer, rollout_gen, shuffle_gen, guard)}
             if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
                 row.update(evaluate(model, args, reward_fn, eval_set, out_dir, epoch=epoch))
             history.append(row)
@@ -1001,12 +1004,14 @@ def resume_args(resume: str, **given) -> Args:
         with open(os.path.join(resume, "args.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        raise UsageError(f"--resume {resume!r} is not a run folder (no readable args.json): give a run's output folder") from None
+        raise UsageError(f"--resume {resume!r} is not a run folder (no readable args.json): "
+                         "give a run's output folder") from None
     if given.get("output_dir") and os.path.abspath(given["output_dir"]) != os.path.abspath(resume):
         raise UsageError("a resumed run continues in its own folder: drop --output-dir")
     saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)}}
     _check_same(saved, given, f"the run in {resume}")
-    return Args(**{**saved, **{k: v for k, v in given.items() if k in SAFE_ON_RESUME}, "resume": resume, "output_dir": resume})
+    safe = {k: v for k, v in given.items() if k in SAFE_ON_RESUME}
+    return Args(**{**saved, **safe, "resume": resume, "output_dir": resume})
 
 
 def _sha256(path: str) -> str:
