@@ -83,8 +83,10 @@ class Args:
     # run
     model: str = _f("tiny", "model: 'tiny' (the built-in shapes model; SD3-family models arrive with the SD3 loader)")
     algo: str = _f("vgpo", "algorithm: 'vgpo' or 'grpo' (the Flow-GRPO baseline, same code path)")
-    reward: str = _f("shapes", "reward R: a name in reward.REWARDS")
-    prompts: str = _f("shapes", "training prompts: 'shapes' (the toy world's train split) or a .txt/.jsonl file")
+    reward: str = _f("shapes", "reward R: a name in reward.REWARDS (shapes, ocr, pickscore, aesthetic, ...), a weighted "
+                     "sum 'pickscore=1,aesthetic=0.5', NAME@DIR for a model in a local folder")
+    prompts: str = _f("shapes", "prompts: 'shapes' (the toy world), a prompt set in prompts/ ('ocr', 'preference': "
+                      "NAME_train and NAME_test files) or a .txt/.jsonl file (evaluated on itself)")
     seed: int = _f(0, "random seed (prompts, noise, shuffling)")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     output_dir: str = _f("", "output folder (default runs/<algo>-<seed>-<timestamp>)")
@@ -183,7 +185,6 @@ def validate(args: Args) -> None:
     checks = [
         (args.model in MODELS, f"unknown --model {args.model!r}: use 'tiny' (SD3-family models are not wired in yet)"),
         (args.algo in ("vgpo", "grpo"), f"unknown --algo {args.algo!r}: use 'vgpo' or 'grpo'"),
-        (args.reward in reward.REWARDS, f"unknown --reward {args.reward!r}: choose one of {', '.join(reward.REWARDS)}"),
         (args.num_generations >= 2, "--num-generations must be ≥ 2: group-relative advantages need a group"),
         (0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}"),
         (args.num_steps >= 2, "--num-steps must be ≥ 2 (the last step is not trained)"),
@@ -198,12 +199,17 @@ def validate(args: Args) -> None:
          and args.eval_batch_size >= 1, "batch sizes and --prompts-per-epoch must be ≥ 1"),
         (args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(),
          f"--device {args.device!r} is not available here: use 'cpu' or 'auto'"),
-        (args.prompts == "shapes" or os.path.isfile(args.prompts),
-         f"--prompts file {args.prompts!r} not found: give a .txt (one prompt per line) or .jsonl file, or 'shapes'"),
+        (args.prompts == "shapes" or prompt_files(args.prompts) or os.path.isfile(args.prompts),
+         f"--prompts {args.prompts!r} not found: give a .txt (one prompt per line) or .jsonl file, or a prompt set: "
+         f"{', '.join(['shapes', *prompt_sets()])}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    try:  # names, weights and @DIR folders; the models themselves load in make_reward
+        reward.parse_reward_spec(args.reward)
+    except reward.RewardError as e:
+        raise UsageError(f"--reward: {e}") from None
     # every optimizer step must see the same number of trajectories, or the last one would be a partial,
     # noisier step (and the gradient-accumulation divisor in `update` would be wrong for it)
     n = args.prompts_per_epoch * args.num_generations
@@ -282,25 +288,56 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
     return Model(transformer, encode, decode, scheduler, latent_shape, reference, device)
 
 
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+
+
+def prompt_files(name: str) -> tuple[str, str] | None:
+    """`--prompts NAME` → (prompts/NAME_train.{jsonl,txt}, prompts/NAME_test.{jsonl,txt}), or None."""
+    found = []
+    for split in ("train", "test"):
+        paths = [os.path.join(PROMPTS_DIR, f"{name}_{split}{ext}") for ext in (".jsonl", ".txt")]
+        found.append(next((p for p in paths if os.path.isfile(p)), None))
+    return tuple(found) if all(found) and os.sep not in name else None
+
+
+def prompt_sets() -> list[str]:
+    """The prompt set names shipped in prompts/ (those with both a train and a test file)."""
+    names = {f.rsplit("_", 1)[0] for f in os.listdir(PROMPTS_DIR)} if os.path.isdir(PROMPTS_DIR) else set()
+    return sorted(n for n in names if prompt_files(n))
+
+
+def read_prompt_file(path: str) -> list[tuple[str, dict]]:
+    """(prompt, metadata) pairs of a .txt file (one prompt per line) or a .jsonl file (one
+    {"prompt": ..., other fields = metadata} object per line). Blank lines are skipped."""
+    # prompt files are plain data: read as text and JSON, never executed
+    with open(path, encoding="utf-8") as f:
+        lines = [(i, ln.strip()) for i, ln in enumerate(f, 1) if ln.strip()]
+    if not path.endswith(".jsonl"):
+        return [(ln, {}) for _, ln in lines]
+    pairs = []
+    for i, ln in lines:
+        try:
+            row = json.loads(ln)
+            pairs.append((str(row.pop("prompt")), row))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{path}:{i} is not a JSON object with a \"prompt\" field") from None
+    return pairs
+
+
 def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
-    """(train, eval) lists of (prompt, metadata). A .jsonl line is {"prompt": ..., other fields = metadata}."""
+    """(train, eval) lists of (prompt, metadata): the toy world's split, a prompt set's train and test
+    files, or one file used for both."""
     import shapes
 
     if args.prompts == "shapes":
         # the toy world's fixed split: held-out prompts are unseen combinations of trained words
         train = [(p, shapes.METADATA[p]) for p in shapes.TRAIN_PROMPTS]
         return train, [(p, shapes.METADATA[p]) for p in shapes.eval_prompt_list()]
-    # prompt files are plain data: one prompt per line, or one JSON object per line; blank lines skipped
-    with open(args.prompts) as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    if args.prompts.endswith(".jsonl"):
-        rows = [json.loads(ln) for ln in lines]
-        train = [(r.pop("prompt"), r) for r in rows]
-    else:
-        train = [(ln, {}) for ln in lines]
+    files = prompt_files(args.prompts)
+    train, test = [read_prompt_file(f) for f in files] if files else [read_prompt_file(args.prompts)] * 2
     if len(train) < args.prompts_per_epoch:
         raise UsageError(f"{args.prompts} has {len(train)} prompts, fewer than --prompts-per-epoch {args.prompts_per_epoch}")
-    return train, train  # no split given: evaluate on the training prompts
+    return train, test  # a single file has no split: it is evaluated on its own prompts
 
 
 def sample_prompts(train: list, count: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
@@ -631,18 +668,17 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
 
 def train(args: Args) -> list[dict]:
     """The whole method: per epoch rollout → rewards → values → advantages → update. Returns the metric rows."""
-    import reward
-
     # --- set-up: everything that can fail on bad input fails here, before the first rollout ---
     validate(args)
     # Three independent streams from one seed, so that e.g. a change in shuffling leaves the rollouts
     # alone; everything on the CPU is then bitwise reproducible (tested).
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)  # which prompts each epoch
+    # the reward and the prompts before the big model, so that an absent reward model stops at once
+    train_set, eval_set = load_prompts(args)
+    reward_fn = make_reward(args, resolve_device(args), train_set + eval_set)
     out_dir = open_run_dir(args)
     model = load_model(args)
-    reward_fn = reward.REWARDS[args.reward](model.device)
-    train_set, eval_set = load_prompts(args)
     optimizer = make_optimizer(model, args)
     params = optimizer.param_groups[0]["params"]
     rollout_gen = torch.Generator(model.device).manual_seed(args.seed)  # start noise and SDE noise
@@ -663,6 +699,21 @@ def train(args: Args) -> list[dict]:
 
     finish_run(model, history, out_dir)
     return history
+
+
+def make_reward(args: Args, device: str, prompts: list[tuple[str, dict]] = ()):
+    """The reward of `--reward` (reward.load_reward: one reward or a weighted sum, each model loaded once),
+    checked against the run's (prompt, metadata) pairs. Absent reward weights, and prompts the reward
+    cannot score (ocr needs quoted text), stop here with one line."""
+    import reward
+
+    try:
+        fn = reward.load_reward(args.reward, device)
+        if hasattr(fn, "check_prompts"):
+            fn.check_prompts(list(prompts))
+    except reward.RewardError as e:
+        raise UsageError(str(e)) from None
+    return fn
 
 
 def make_optimizer(model: Model, args: Args) -> torch.optim.Optimizer:
@@ -719,11 +770,9 @@ def epoch_metrics(r, values, weights, adv, group_ids) -> dict:
 def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, out_dir=None, epoch=None) -> dict:
     """Eq. (10): ODE sampling (a = 0), `eval_steps`, held-out prompts, the same guidance as in training,
     the same starting noise every time. Returns {'eval/score': …, 'eval/strict_accuracy': …, …}."""
-    import reward
-
     t0 = time.time()
-    reward_fn = reward_fn or reward.REWARDS[args.reward](model.device)
     eval_set = eval_set or load_prompts(args)[1]
+    reward_fn = reward_fn or make_reward(args, model.device, eval_set)
     prompts, metas = [p for p, _ in eval_set], [m for _, m in eval_set]
     gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
     # noise_level 0: the deterministic ODE sampler users sample with after training (eq. 10)
