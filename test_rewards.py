@@ -223,8 +223,8 @@ def test_absent_reward_weights_give_one_line_and_exit_2(monkeypatch, tmp_path, c
 # --reward specs
 # ---------------------------------------------------------------------------------------------------
 def test_reward_spec_parsing_and_weighted_sum(tmp_path):
-    """'a=1,b@DIR=0.5' parses to (name, folder, weight) terms; a sum is Σ w·R with each component in its
-    metrics; unknown names, weights ≤ 0 or not numbers, repeats and bad @DIR are one-line errors."""
+    """'a=1,b@DIR=0.5' parses to (name, folder, weight) terms; a sum is Σ w·R, its metrics give each component
+    (with the component's own metrics as NAME/KEY); unknown names, weights ≤ 0 or not numbers, repeats and bad @DIR are one-line errors."""
     assert reward.parse_reward_spec("ocr") == [("ocr", None, 1.0)]
     assert reward.parse_reward_spec(f"pickscore@{tmp_path}=1, aesthetic=0.5") == [
         ("pickscore", str(tmp_path), 1.0), ("aesthetic", None, 0.5)]
@@ -234,8 +234,9 @@ def test_reward_spec_parsing_and_weighted_sum(tmp_path):
     parts = {n: reward.REWARDS[n]("cpu")(images, prompts, [{}] * 4) for n in ("shapes", "jpeg_compressibility")}
     torch.testing.assert_close(fn(images, prompts, [{}] * 4), parts["shapes"] + 0.5 * parts["jpeg_compressibility"])
     m = fn.metrics(images, prompts, [{}] * 4)
-    assert set(m) == {"score", "shapes", "jpeg_compressibility"}
-    assert m["score"] == pytest.approx(m["shapes"] + 0.5 * m["jpeg_compressibility"])
+    assert {"score", "shapes", "jpeg_compressibility", "shapes/strict_accuracy"} <= set(m)
+    assert m["score"] == pytest.approx(fn(images, prompts, [{}] * 4).mean().item())
+    assert m["shapes"] == pytest.approx(parts["shapes"].mean().item())
     assert reward.load_reward("jpeg_compressibility", "cpu").__name__ == "fn" and not hasattr(
         reward.load_reward("jpeg_compressibility", "cpu"), "metrics")  # a lone reward is returned as built
     for bad, needle in [("nope", "choose from"), ("ocr=0", "> 0"), ("ocr=-1", "> 0"), ("ocr=x", "> 0"),
