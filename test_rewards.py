@@ -4,7 +4,6 @@ No downloads: OCR uses the PP-OCR models inside the rapidocr-onnxruntime wheel; 
 aesthetic predictor run on random-weight CLIP models built from tiny configs, with a CLIP tokenizer made
 here from a hand-written byte-level vocabulary."""
 import importlib.util
-import json
 import os
 
 import numpy as np
