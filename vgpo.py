@@ -90,8 +90,10 @@ class Args:
     # run
     model: str = _f("tiny", "model: 'tiny' (the built-in shapes model; SD3-family models arrive with the SD3 loader)")
     algo: str = _f("vgpo", "algorithm: 'vgpo' or 'grpo' (the Flow-GRPO baseline, same code path)")
-    reward: str = _f("shapes", "reward R: a name in reward.REWARDS")
-    prompts: str = _f("shapes", "training prompts: 'shapes' (the toy world's train split) or a .txt/.jsonl file")
+    reward: str = _f("shapes", "reward R: a name in reward.REWARDS (shapes, ocr, pickscore, aesthetic, ...), a weighted "
+                     "sum 'pickscore=1,aesthetic=0.5', NAME@DIR for a model in a local folder")
+    prompts: str = _f("shapes", "prompts: 'shapes' (the toy world), a prompt set in prompts/ ('ocr', 'preference': "
+                      "NAME_train and NAME_test files) or a .txt/.jsonl file (evaluated on itself)")
     seed: int = _f(0, "random seed (prompts, noise, shuffling)")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     output_dir: str = _f("", "output folder (default runs/<algo>-<seed>-<timestamp>)")
@@ -216,7 +218,6 @@ def validate(args: Args) -> None:
     checks = [
         (args.model in MODELS, f"unknown --model {args.model!r}: use 'tiny' (SD3-family models are not wired in yet)"),
         (args.algo in ("vgpo", "grpo"), f"unknown --algo {args.algo!r}: use 'vgpo' or 'grpo'"),
-        (args.reward in reward.REWARDS, f"unknown --reward {args.reward!r}: choose one of {', '.join(reward.REWARDS)}"),
         (args.num_generations >= 2, "--num-generations must be ≥ 2: group-relative advantages need a group"),
         (0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}"),
         (args.num_steps >= 2, "--num-steps must be ≥ 2 (the last step is not trained)"),
@@ -238,8 +239,9 @@ def validate(args: Args) -> None:
          and args.eval_batch_size >= 1, "batch sizes and --prompts-per-epoch must be ≥ 1"),
         (args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(),
          f"--device {args.device!r} is not available here: use 'cpu' or 'auto'"),
-        (args.prompts == "shapes" or os.path.isfile(args.prompts),
-         f"--prompts file {args.prompts!r} not found: give a .txt (one prompt per line) or .jsonl file, or 'shapes'"),
+        (args.prompts == "shapes" or prompt_files(args.prompts) or os.path.isfile(args.prompts),
+         f"--prompts {args.prompts!r} not found: give a .txt (one prompt per line) or .jsonl file, or a prompt set: "
+         f"{', '.join(['shapes', *prompt_sets()])}"),
         (not args.resume or os.path.isdir(args.resume), f"--resume {args.resume!r}: no such folder"),
         (not args.resume or not args.output_dir or os.path.abspath(args.output_dir) == os.path.abspath(args.resume),
          "a resumed run continues in its own folder: drop --output-dir"),
@@ -247,6 +249,10 @@ def validate(args: Args) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    try:  # names, weights and @DIR folders; the models themselves load in make_reward
+        reward.parse_reward_spec(args.reward)
+    except reward.RewardError as e:
+        raise UsageError(f"--reward: {e}") from None
     # every optimizer step must see the same number of trajectories, or the last one would be a partial,
     # noisier step (and the gradient-accumulation divisor in `update` would be wrong for it)
     n = args.prompts_per_epoch * args.num_generations
@@ -330,8 +336,42 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
     return Model(transformer, encode, decode, scheduler, latent_shape, reference, device, encoded)
 
 
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+
+
+def prompt_files(name: str) -> tuple[str, str] | None:
+    """`--prompts NAME` → (prompts/NAME_train.{jsonl,txt}, prompts/NAME_test.{jsonl,txt}), or None."""
+    found = []
+    for split in ("train", "test"):
+        paths = [os.path.join(PROMPTS_DIR, f"{name}_{split}{ext}") for ext in (".jsonl", ".txt")]
+        found.append(next((p for p in paths if os.path.isfile(p)), None))
+    return tuple(found) if all(found) and os.sep not in name else None
+
+
+def prompt_sets() -> list[str]:
+    """The prompt set names shipped in prompts/ (those with both a train and a test file)."""
+    names = {f.rsplit("_", 1)[0] for f in os.listdir(PROMPTS_DIR)} if os.path.isdir(PROMPTS_DIR) else set()
+    return sorted(n for n in names if prompt_files(n))
+
+
+def read_prompt_file(path: str) -> list[tuple[str, dict]]:
+    """(prompt, metadata) pairs of a .txt file (one prompt per line) or a .jsonl file (one
+    {"prompt": ..., other fields = metadata} object per line). Blank lines are skipped."""
+    # prompt files are plain data: read as text and JSON, never executed
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --prompts {path!r} as UTF-8 text: {e}") from None
+    if not path.endswith(".jsonl"):
+        return [(ln, {}) for ln in lines]
+    rows = [_jsonl_row(ln, i, path) for i, ln in enumerate(lines, 1)]
+    return [(r.pop("prompt"), r) for r in rows]
+
+
 def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
-    """(train, eval) lists of (prompt, metadata). A .jsonl line is {"prompt": ..., other fields = metadata}."""
+    """(train, eval) lists of (prompt, metadata): the toy world's split, a prompt set's train and test
+    files, or one file used for both."""
     import shapes
 
     if args.prompts == "shapes":
@@ -341,25 +381,16 @@ def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, di
             raise UsageError(f"--prompts-per-epoch {args.prompts_per_epoch} is more than the {len(train)} "
                              "training prompts")
         return train, [(p, shapes.METADATA[p]) for p in shapes.eval_prompt_list()]
-    # prompt files are plain data: one prompt per line, or one JSON object per line; blank lines skipped
-    try:
-        with open(args.prompts, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --prompts {args.prompts!r} as UTF-8 text: {e}") from None
-    if args.prompts.endswith(".jsonl"):
-        rows = [_jsonl_row(ln, i, args.prompts) for i, ln in enumerate(lines, 1)]
-        train = [(r.pop("prompt"), r) for r in rows]
-    else:
-        train = [(ln, {}) for ln in lines]
+    files = prompt_files(args.prompts)
+    train, test = [read_prompt_file(f) for f in files] if files else [read_prompt_file(args.prompts)] * 2
     if len(train) < args.prompts_per_epoch:
         raise UsageError(f"{args.prompts} has {len(train)} prompts, fewer than --prompts-per-epoch {args.prompts_per_epoch}")
     if args.model == "tiny":  # the toy encoder knows only the shapes world's words: say so now, not mid-rollout
-        unknown = sorted({w for p, _ in train for w in p.split() if w not in shapes.VOCAB[2:]})
-        if unknown or max(len(p.split()) for p, _ in train) >= shapes.MAX_TOKENS:
+        unknown = sorted({w for p, _ in train + test for w in p.split() if w not in shapes.VOCAB[2:]})
+        if unknown or max(len(p.split()) for p, _ in train + test) >= shapes.MAX_TOKENS:
             raise UsageError(f"{args.prompts}: the tiny model knows only the shapes world's words, at most "
                              f"{shapes.MAX_TOKENS - 1} per prompt (unknown: {', '.join(unknown[:8]) or 'none'})")
-    return train, train  # no split given: evaluate on the training prompts
+    return train, test  # a single file has no split: it is evaluated on its own prompts
 
 
 def _jsonl_row(line: str, number: int, path: str) -> dict:
@@ -717,10 +748,11 @@ def train(args: Args) -> list[dict]:
     # alone; everything on the CPU is then bitwise reproducible (tested).
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)  # which prompts each epoch
-    train_set, eval_set = load_prompts(args)  # a bad prompt file fails here, before the model is loaded
+    # the prompts and the reward before the big model: a bad prompt file or an absent reward model stops at once
+    train_set, eval_set = load_prompts(args)
+    reward_fn = make_reward(args, resolve_device(args), train_set + eval_set)
     out_dir = open_run_dir(args, checkpoint)
     model = load_model(args)
-    reward_fn = named_reward(args.reward, model.device)  # whatever the reward model raises names it
     optimizer = make_optimizer(model, args)
     params = optimizer.param_groups[0]["params"]
     rollout_gen = torch.Generator(model.device).manual_seed(args.seed)  # start noise and SDE noise
@@ -750,6 +782,30 @@ def train(args: Args) -> list[dict]:
 
     finish_run(model, history, out_dir)
     return history
+
+
+def make_reward(args: Args, device: str, prompts: list[tuple[str, dict]] = ()):
+    """The reward of `--reward` (reward.load_reward: one reward or a weighted sum, each model loaded once),
+    checked against the run's (prompt, metadata) pairs. Absent reward weights, and prompts the reward
+    cannot score (ocr needs quoted text), stop here with one line; any other exception, when the reward is
+    built or called, is re-raised as a RewardError that names the reward."""
+    import reward
+
+    def call(fn, *a):
+        try:
+            return fn(*a)
+        except reward.RewardError as e:
+            raise UsageError(str(e)) from None
+        except Exception as e:
+            raise RewardError(f"the reward {args.reward!r} raised {type(e).__name__}: {e}") from e
+
+    fn = call(reward.load_reward, args.reward, device)
+    if hasattr(fn, "check_prompts"):
+        call(fn.check_prompts, list(prompts))
+    wrapped = lambda *a: call(fn, *a)  # noqa: E731
+    if hasattr(fn, "metrics"):
+        wrapped.metrics = lambda *a: call(fn.metrics, *a)
+    return wrapped
 
 
 def make_optimizer(model: Model, args: Args) -> torch.optim.Optimizer:
@@ -815,11 +871,9 @@ def epoch_metrics(r, values, weights, adv, group_ids) -> dict:
 def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, out_dir=None, epoch=None) -> dict:
     """Eq. (10): ODE sampling (a = 0), `eval_steps`, held-out prompts, the same guidance as in training,
     the same starting noise every time. Returns {'eval/score': …, 'eval/strict_accuracy': …, …}."""
-    import reward
-
     t0 = time.time()
-    reward_fn = reward_fn or reward.REWARDS[args.reward](model.device)
     eval_set = eval_set or load_prompts(args)[1]
+    reward_fn = reward_fn or make_reward(args, model.device, eval_set)
     prompts, metas = [p for p, _ in eval_set], [m for _, m in eval_set]
     gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
     # noise_level 0: the deterministic ODE sampler users sample with after training (eq. 10)
@@ -1215,23 +1269,6 @@ def raise_if_stopped(signum, guard: NanGuard, saved: str | None, args: Args, epo
     if signum and epoch < args.epochs:
         raise RunStopped(f"stopped by {signal.Signals(signum).name} after epoch {epoch}/{args.epochs}; {where}. "
                          f"Continue with: {again}", code=128 + signum)
-
-
-def named_reward(name: str, device):
-    """reward.REWARDS[name](device), whose exceptions (when built or called) become a RewardError naming it."""
-    import reward
-
-    def call(fn, *a):
-        try:
-            return fn(*a)
-        except Exception as e:
-            raise RewardError(f"the reward {name!r} raised {type(e).__name__}: {e}") from e
-
-    fn = call(reward.REWARDS[name], device)
-    wrapped = lambda *a: call(fn, *a)  # noqa: E731
-    if hasattr(fn, "metrics"):
-        wrapped.metrics = lambda *a: call(fn.metrics, *a)
-    return wrapped
 
 
 # ====================================================================================================

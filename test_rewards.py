@@ -1,0 +1,282 @@
+"""Tests of reward.py and the prompt sets: each checks a claim made there or in the README.
+
+No downloads: OCR uses the PP-OCR models inside the rapidocr-onnxruntime wheel; PickScore and the
+aesthetic predictor run on random-weight CLIP models built from tiny configs, with a CLIP tokenizer made
+here from a hand-written byte-level vocabulary."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import reward
+import vgpo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FEW = ["--prompts-per-epoch", "2", "--train-batch-size", "8", "--gradient-accumulation-steps", "2"]  # N = 16 divides
+
+
+# ---------------------------------------------------------------------------------------------------
+# OCR
+# ---------------------------------------------------------------------------------------------------
+def render_text(text: str, size=(512, 256), font_size=72) -> torch.Tensor:
+    """(3, H, W) in [0, 1]: black text centred on white, in PIL's built-in scalable font (no system fonts)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    im = Image.new("RGB", size, "white")
+    ImageDraw.Draw(im).text((size[0] // 2, size[1] // 2), text, fill="black",
+                            font=ImageFont.load_default(size=font_size), anchor="mm")
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="module")
+def ocr_fn():
+    return reward.load_reward("ocr", "cpu")  # one engine for the module: building and warming it costs ~1 s
+
+
+def test_ocr_reward_reads_the_quoted_text(ocr_fn):
+    """The OCR reward is ≥ 0.8 on a rendered image of the prompt's quoted text and ≤ 0.3 on images of
+    other text (and 0 on a blank image)."""
+    words = ["HELLO", "Fresh Bread", "ROCKET", "Open 24 Hours"]
+    images = torch.stack([render_text(w) for w in words] + [torch.ones(3, 256, 512)])
+    right = [f'A sign that says "{w}"' for w in words] + ['A sign that says "BLANK"']
+    r = ocr_fn(images, right, [{}] * 5)
+    assert r.shape == (5,) and (r[:4] >= 0.8).all() and r[4] == 0, (r, ocr_fn.read(images))
+    wrong = [f'A neon sign reading "{w}"' for w in ["MOUNTAIN", "COPPER", "Slow Down", "WALTZ"]]
+    assert (ocr_fn(images[:4], wrong, [{}] * 4) <= 0.3).all()
+    # metadata["text"] (the .jsonl prompt sets give it) wins over the prompt's quotes
+    assert ocr_fn(images[:1], ['A sign that says "NOPE"'], [{"text": "hello"}]).item() == 1.0
+
+
+def test_ocr_score_rules():
+    """ocr_score = 1 − min(edit distance, len)/len on lower-cased, whitespace-free strings, 1 when the target
+    occurs inside the text read; targets come from metadata['text'] or the first double-quoted span."""
+    assert reward.edit_distance("kitten", "sitting") == 3 and reward.edit_distance("", "abc") == 3
+    assert reward.ocr_score("Hel lo", "HELLO") == 1.0  # case and spaces do not count
+    assert reward.ocr_score("OPEN NOW 9-5", "open now") == 1.0  # extra text is free, as in Flow-GRPO
+    assert reward.ocr_score("HELL0", "HELLO") == pytest.approx(0.8)  # one substitution in five letters
+    assert reward.ocr_score("", "HELLO") == 0.0 and reward.ocr_score("completely different", "HI") == 0.0
+    assert reward.ocr_target('A sign that says "OPEN" and "SHUT"') == "OPEN"
+    assert reward.ocr_target("A mug with “Good Luck” on it") == "Good Luck"
+    assert reward.ocr_target("no quotes", {"text": "X"}) == "X" and reward.ocr_target("no quotes") is None
+
+
+def test_ocr_prompts_without_quoted_text_stop_the_run(tmp_path, capsys):
+    """`--reward ocr` with prompts that quote no text stops before any model loads: one line, exit code 2."""
+    path = tmp_path / "plain.txt"
+    path.write_text("a red fox at sunset\na bowl of ramen\n")
+    assert vgpo.main(["--reward", "ocr", "--prompts", str(path), *FEW,
+                      "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "quoted text" in err and "--prompts ocr" in err
+    assert not (tmp_path / "run").exists()  # stopped before the run folder and the model
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLIP-based rewards on random-weight models
+# ---------------------------------------------------------------------------------------------------
+def clip_tokenizer():
+    """A CLIP tokenizer with no download: byte-level characters (with and without CLIP's </w> word end),
+    no merges, and CLIP's two special tokens."""
+    from transformers import CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]  # GPT-2's byte map
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A folder as `--reward pickscore@DIR` / `aesthetic@DIR` expect: a tiny random CLIPModel (projection 768,
+    the aesthetic head's input), its processor, and an aesthetic head in LAION's state-dict layout."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    cfg = CLIPConfig(text_config=dict(**small, vocab_size=514, max_position_embeddings=77, bos_token_id=512,
+                                      eos_token_id=513, pad_token_id=513),
+                     vision_config=dict(**small, image_size=224, patch_size=32), projection_dim=768)
+    folder = tmp_path_factory.mktemp("clip")
+    model = CLIPModel(cfg).eval()
+    model.logit_scale.data.fill_(np.log(100.0))  # PickScore_v1's temperature, so scores are of its size
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=clip_tokenizer()).save_pretrained(folder)
+    # LAION's file holds exactly these keys and shapes; a bias of 5 makes the ratings ≈ 5, inside the 1–10 range
+    dims = [768, 1024, 128, 64, 16, 1]
+    head = {}
+    for i, (a, b) in zip((0, 2, 4, 6, 7), zip(dims, dims[1:])):
+        head[f"layers.{i}.weight"], head[f"layers.{i}.bias"] = torch.randn(b, a) / a**0.5, torch.zeros(b)
+    head["layers.0.weight"] *= 8  # unit-norm inputs are small: spread the ratings over ≈ ±1
+    head["layers.7.bias"] += 5.0
+    torch.save(head, folder / "sac+logos+ava1-l14-linearMSE.pth")
+    return str(folder), model, head
+
+
+def smooth_images(n, h, w, seed=0):
+    """Photo-like test images: low-frequency colour fields plus a little noise, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.interpolate(torch.rand(n, 3, 6, 6, generator=g), size=(h, w), mode="bilinear")
+    return (base + 0.1 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1)
+
+
+def processor_pixels(images, folder):
+    """The reference route: 8-bit PIL images through the saved processor, as Flow-GRPO feeds CLIP."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    pil = [Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()) for im in images]
+    return AutoProcessor.from_pretrained(folder).image_processor(images=pil, return_tensors="pt").pixel_values
+
+
+def test_batched_clip_preprocessing_matches_the_processor(clip_dir):
+    """reward.clip_pixels (batched torch resize/crop/normalise) gives the processor's PIL pixel values to
+    within the 8-bit rounding it skips, for square and wide images."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(clip_dir[0])
+    for h, w in [(512, 512), (256, 512)]:
+        images = (smooth_images(2, h, w) * 255).round() / 255
+        ref, mine = processor_pixels(images, clip_dir[0]), reward.clip_pixels(images, processor, "cpu")
+        assert mine.shape == ref.shape == (2, 3, 224, 224)
+        assert (mine - ref).abs().max() < 0.05 and (mine - ref).abs().mean() < 0.01  # normalised units (÷ std ≈ 0.27)
+
+
+def test_pickscore_end_to_end_on_a_random_clip(clip_dir):
+    """`--reward pickscore@DIR` loads model and processor from the folder and returns, per image,
+    max(0, logit_scale·cos(image, its prompt)/26): transformers' own CLIPModel logits ÷ 26, clamped at 0."""
+    import copy
+
+    folder, model, _ = clip_dir
+    images = smooth_images(8, 512, 512, seed=1)
+    prompts = ["a red fox at sunset", "a bowl of ramen", 'A sign that says "HELLO"', "an oil painting of a cat",
+               "a robot", "two dogs on a beach", "a bowl of ramen", "x"]
+    tok = clip_tokenizer()(prompts, padding=True, return_tensors="pt")
+    # the folder's model, and a copy with the text projection negated, which negates every cosine: whatever
+    # sign the random model's scores have, one of the two exercises the clamp and the other the scale
+    flipped = copy.deepcopy(model)
+    flipped.text_projection.weight.data.neg_()
+    seen_positive = False
+    for fn, m in [(reward.load_reward(f"pickscore@{folder}", "cpu"), model),
+                  (reward.pickscore("cpu", model=flipped, processor=folder), flipped)]:
+        r = fn(images, prompts, [{}] * 8)
+        with torch.no_grad():
+            logits = m(input_ids=tok.input_ids, attention_mask=tok.attention_mask,
+                       pixel_values=processor_pixels(images, folder)).logits_per_image.diag()
+        assert r.shape == (8,) and r.dtype == torch.float32 and torch.isfinite(r).all()
+        torch.testing.assert_close(r, (logits / 26).clamp(min=0), atol=1e-3, rtol=0)
+        torch.testing.assert_close(fn(images, prompts, [{}] * 8), r)  # cached prompt embeddings: same scores
+        seen_positive |= bool((r > 0.02).any())
+    assert seen_positive
+
+
+def test_aesthetic_end_to_end_on_a_random_clip(clip_dir):
+    """`--reward aesthetic@DIR` loads the CLIP and LAION's head file (weights_only) from the folder and
+    returns head(unit image embedding)/10; a .safetensors head and a model object load too."""
+    from safetensors.torch import save_file
+
+    folder, model, head_state = clip_dir
+    images = smooth_images(3, 512, 512, seed=2)
+    r = reward.load_reward(f"aesthetic@{folder}", "cpu")(images, ["p"] * 3, [{}] * 3)
+    head = reward.AestheticHead()
+    head.load_state_dict(head_state)  # strict: our layer layout is LAION's
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[512, 513]]), pixel_values=processor_pixels(images, folder))
+        want = head.eval()(out.image_embeds) / 10  # image_embeds: projected and unit-normalised by transformers
+    assert r.shape == (3,) and torch.isfinite(r).all() and ((r > 0.3) & (r < 0.7)).all()
+    torch.testing.assert_close(r, want, atol=5e-4, rtol=0)  # measured 5e-5: the PIL route's 8-bit rounding
+    st = os.path.join(folder, "head.safetensors")
+    save_file(head_state, st)
+    again = reward.aesthetic("cpu", clip=model, processor=folder, head=st)(images, ["p"] * 3, [{}] * 3)
+    torch.testing.assert_close(again, r)
+
+
+def test_absent_reward_weights_give_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    """With the hub unreachable and no cached copy, `--reward pickscore` stops with one line naming the
+    model and what to do (download, DIR, another reward), exit code 2; so does a missing aesthetic head."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does
+    monkeypatch.setattr(reward, "PICKSCORE_MODEL", "vgpo-tests/absent-model")  # surely not in any cache
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na bowl of ramen\n")
+    assert vgpo.main(["--reward", "pickscore", "--prompts", str(prompts), *FEW,
+                      "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "vgpo-tests/absent-model" in err and "hf download" in err and "@DIR" in err
+    # the aesthetic head: nothing cached, the URL unreachable (a closed port on this machine)
+    hub_dir = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    monkeypatch.setattr(reward, "AESTHETIC_HEAD_URL", "http://127.0.0.1:9/none.pth")
+    try:
+        with pytest.raises(reward.RewardError, match="aesthetic@DIR") as e:
+            reward.aesthetic("cpu", clip=object(), processor=object())
+        assert "\n" not in str(e.value)
+    finally:
+        torch.hub.set_dir(hub_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --reward specs
+# ---------------------------------------------------------------------------------------------------
+def test_reward_spec_parsing_and_weighted_sum(tmp_path):
+    """'a=1,b@DIR=0.5' parses to (name, folder, weight) terms; a sum is Σ w·R, its metrics give each component
+    (with the component's own metrics as NAME/KEY); unknown names, weights ≤ 0 or not numbers, repeats and bad @DIR are one-line errors."""
+    assert reward.parse_reward_spec("ocr") == [("ocr", None, 1.0)]
+    assert reward.parse_reward_spec(f"pickscore@{tmp_path}=1, aesthetic=0.5") == [
+        ("pickscore", str(tmp_path), 1.0), ("aesthetic", None, 0.5)]
+    images = smooth_images(4, 32, 32)
+    prompts = ["a red circle", "two blue squares", "a circle left of a square", "a green square"]
+    fn = reward.load_reward("shapes=1,jpeg_compressibility=0.5", "cpu")
+    parts = {n: reward.REWARDS[n]("cpu")(images, prompts, [{}] * 4) for n in ("shapes", "jpeg_compressibility")}
+    torch.testing.assert_close(fn(images, prompts, [{}] * 4), parts["shapes"] + 0.5 * parts["jpeg_compressibility"])
+    m = fn.metrics(images, prompts, [{}] * 4)
+    assert {"score", "shapes", "jpeg_compressibility", "shapes/strict_accuracy"} <= set(m)
+    assert m["score"] == pytest.approx(fn(images, prompts, [{}] * 4).mean().item())
+    assert m["shapes"] == pytest.approx(parts["shapes"].mean().item())
+    assert reward.load_reward("jpeg_compressibility", "cpu").__name__ == "fn" and not hasattr(
+        reward.load_reward("jpeg_compressibility", "cpu"), "metrics")  # a lone reward is returned as built
+    for bad, needle in [("nope", "choose from"), ("ocr=0", "> 0"), ("ocr=-1", "> 0"), ("ocr=x", "> 0"),
+                        ("ocr=nan", "> 0"), ("ocr,ocr=2", "twice"), ("ocr@.", "no model"),
+                        ("pickscore@/no/such/dir", "no such folder"), ("", "unknown")]:
+        with pytest.raises(reward.RewardError, match=needle) as e:
+            reward.parse_reward_spec(bad)
+        assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt sets
+# ---------------------------------------------------------------------------------------------------
+def test_prompt_sets_split_and_count():
+    """`--prompts ocr` / `--prompts preference` read prompts/NAME_train and NAME_test: OCR 420 + 60 prompts whose
+    test texts are unseen in training, each quoting its metadata text; ≥ 300 preference prompts (450 + 100)
+    whose test (subject, setting) pairs are unseen; no prompt in both splits."""
+    assert {"ocr", "preference"} <= set(vgpo.prompt_sets())
+    sets = {name: vgpo.load_prompts(vgpo.make_args(model="tiny", prompts=name)) for name in ("ocr", "preference")}
+    (ocr_train, ocr_test), (pref_train, pref_test) = sets["ocr"], sets["preference"]
+    assert (len(ocr_train), len(ocr_test), len(pref_train), len(pref_test)) == (420, 60, 450, 100)
+    for train, test in sets.values():
+        assert not {p for p, _ in train} & {p for p, _ in test}
+        assert len({p for p, _ in train}) == len(train) and len({p for p, _ in test}) == len(test)
+    assert all(reward.ocr_target(p) == m["text"] for p, m in ocr_train + ocr_test)
+    assert not {m["text"] for _, m in ocr_train} & {m["text"] for _, m in ocr_test}
+    spec = importlib.util.spec_from_file_location("make_prompts", os.path.join(HERE, "prompts", "make_prompts.py"))
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    pair = lambda p: next((s, t) for s in make.SUBJECTS for t in make.SETTINGS if f"{s} {t}" in p)  # noqa: E731
+    assert not {pair(p) for p, _ in pref_train} & {pair(p) for p, _ in pref_test}
+    # the committed files are exactly what the generator writes
+    for name, content in make.build().items():
+        with open(os.path.join(HERE, "prompts", name), encoding="utf-8") as f:
+            assert f.read() == content, name
+
+
+def test_prompt_file_errors_are_one_line(tmp_path, capsys):
+    """A .jsonl line that is not an object with "prompt" names the file and line; exit code 2."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a fox"}\n{"text": "no prompt"}\n')
+    assert vgpo.main(["--prompts", str(path), *FEW, "--output-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.jsonl:2" in err
