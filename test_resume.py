@@ -318,7 +318,7 @@ def test_a_reward_model_that_raises_is_named(where, prompt_file, tmp_path, monke
 BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fresh folder
     ("model", ["--model", "nope"], "--model"), ("algo", ["--algo", "ppo"], "--algo"),
     ("reward", ["--reward", "nope"], "--reward"), ("prompts", ["--prompts", "missing.txt"], "not found"),
-    ("prompts", ["--prompts", "{tmp}/bad.jsonl"], "prompt 2: not JSON"),
+    ("prompts", ["--prompts", "{tmp}/bad.jsonl"], "bad.jsonl:2: not JSON"),
     ("prompts", ["--prompts", "{tmp}/words.txt"], "unknown: dog, purple"),
     ("seed", ["--seed", "-1"], "--seed"), ("device", ["--device", "tpu"], "--device"),
     ("output_dir", ["--output-dir", "{tmp}/a-file"], "cannot write"),

@@ -65,7 +65,7 @@ def test_ocr_score_rules():
 def test_ocr_prompts_without_quoted_text_stop_the_run(tmp_path, capsys):
     """`--reward ocr` with prompts that quote no text stops before any model loads: one line, exit code 2."""
     path = tmp_path / "plain.txt"
-    path.write_text("a red fox at sunset\na bowl of ramen\n")
+    path.write_text("a red circle\na blue square\n")  # words the tiny model knows, no quotes
     assert vgpo.main(["--reward", "ocr", "--prompts", str(path), *FEW,
                       "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()

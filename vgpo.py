@@ -385,12 +385,19 @@ def load_prompts(args: Args) -> tuple[list[tuple[str, dict]], list[tuple[str, di
     train, test = [read_prompt_file(f) for f in files] if files else [read_prompt_file(args.prompts)] * 2
     if len(train) < args.prompts_per_epoch:
         raise UsageError(f"{args.prompts} has {len(train)} prompts, fewer than --prompts-per-epoch {args.prompts_per_epoch}")
-    if args.model == "tiny":  # the toy encoder knows only the shapes world's words: say so now, not mid-rollout
-        unknown = sorted({w for p, _ in train + test for w in p.split() if w not in shapes.VOCAB[2:]})
-        if unknown or max(len(p.split()) for p, _ in train + test) >= shapes.MAX_TOKENS:
-            raise UsageError(f"{args.prompts}: the tiny model knows only the shapes world's words, at most "
-                             f"{shapes.MAX_TOKENS - 1} per prompt (unknown: {', '.join(unknown[:8]) or 'none'})")
     return train, test  # a single file has no split: it is evaluated on its own prompts
+
+
+def check_vocabulary(args: Args, pairs: list[tuple[str, dict]]) -> None:
+    """The toy encoder knows only the shapes world's words: say so before the run, not mid-rollout."""
+    import shapes
+
+    if args.model != "tiny" or args.prompts == "shapes":
+        return
+    unknown = sorted({w for p, _ in pairs for w in p.split() if w not in shapes.VOCAB[2:]})
+    if unknown or max(len(p.split()) for p, _ in pairs) >= shapes.MAX_TOKENS:
+        raise UsageError(f"{args.prompts}: the tiny model knows only the shapes world's words, at most "
+                         f"{shapes.MAX_TOKENS - 1} per prompt (unknown: {', '.join(unknown[:8]) or 'none'})")
 
 
 def _jsonl_row(line: str, number: int, path: str) -> dict:
@@ -398,9 +405,9 @@ def _jsonl_row(line: str, number: int, path: str) -> dict:
     try:
         row = json.loads(line)  # plain JSON: no code is ever run from a prompt file
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path}, prompt {number}: not JSON ({e.msg})") from None
+        raise UsageError(f"{path}:{number}: not JSON ({e.msg})") from None
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise UsageError(f'{path}, prompt {number}: each line must be an object with a "prompt" string')
+        raise UsageError(f'{path}:{number}: each line must be an object with a "prompt" string')
     return row
 
 
@@ -751,6 +758,7 @@ def train(args: Args) -> list[dict]:
     # the prompts and the reward before the big model: a bad prompt file or an absent reward model stops at once
     train_set, eval_set = load_prompts(args)
     reward_fn = make_reward(args, resolve_device(args), train_set + eval_set)
+    check_vocabulary(args, train_set + eval_set)
     out_dir = open_run_dir(args, checkpoint)
     model = load_model(args)
     optimizer = make_optimizer(model, args)
