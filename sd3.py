@@ -109,6 +109,10 @@ def _unavailable(args, err: Exception) -> ModelUnavailable:
         return ModelUnavailable(f"--model {args.model!r} is not a complete SD3 diffusers folder ({reason}): point "
                                 "--model at a folder StableDiffusion3Pipeline.save_pretrained wrote, or at a hub id, "
                                 "or use --random-weights / --model tiny")
+    if args.random_weights:
+        return ModelUnavailable(
+            f"cannot read the configs of --model {args.model!r} ({reason}): --random-weights has sd3.5 and sd3.5-large "
+            "built in; for other models point --model at a local diffusers folder, or use --model tiny")
     return ModelUnavailable(
         f"cannot load --model {args.model!r} ({reason}): log in with `hf auth login` and accept the licence at "
         f"https://huggingface.co/{hub}, or point --model at a local diffusers folder, or use --random-weights "
@@ -122,14 +126,15 @@ def load(args, device: str, prompts: list[str]) -> dict:
 
     source = HUB_IDS.get(args.model, args.model)
     dtype = compute_dtype(args.dtype, device)
+    store = "cpu" if args.low_memory else device  # where cached prompt embeddings live
     try:
         # 1. prompts first: the three text encoders (~11 GB in bf16, T5-XXL most of it) visit the GPU
         #    only while the prompt set is encoded; the transformer is loaded after they have left
         if args.random_weights:
             config = TRANSFORMER_CONFIGS.get(args.model) or _config(SD3Transformer2DModel, source, "transformer")
-            encode = random_prompt_encoder(config, args.max_sequence_length, device, dtype)
+            encode = random_prompt_encoder(config, args.max_sequence_length, device, dtype, store)
         else:
-            encode = cached_prompt_encoder(source, prompts, args.max_sequence_length, device, dtype)
+            encode = cached_prompt_encoder(source, prompts, args.max_sequence_length, device, dtype, store)
         # 2. transformer, VAE, scheduler
         if args.random_weights:
             transformer = _build(SD3Transformer2DModel, config, device, dtype)
@@ -256,54 +261,62 @@ def save_lora(transformer, folder: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def cached_prompt_encoder(source: str, prompts: list[str], max_sequence_length: int, device: str, dtype):
-    """Encode `prompts` and "" with the stock pipeline's encode_prompt (CLIP-L, CLIP-G, T5), then move
-    the text encoders to the CPU. Returns encode(prompts) -> (sequence (B, 77+L, 4096), pooled (B, 2048))
-    on `device`; a prompt not seen at load time is encoded on the CPU (slow, but correct)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = _pretrained(StableDiffusion3Pipeline, source, transformer=None, vae=None, dtype=dtype)
-    cache: dict[str, tuple] = {}  # kept in host memory: 2.7 MB per prompt on SD3.5 in bf16
-
-    @torch.no_grad()
-    def run(batch, on):
-        seq, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=on, do_classifier_free_guidance=False,
-                                               max_sequence_length=max_sequence_length)
-        cache.update({p: (s.cpu(), q.cpu()) for p, s, q in zip(batch, seq, pooled)})
-
-    todo = sorted(set(prompts) | {""})
-    pipe.to(device)
-    for s in range(0, len(todo), 32):
-        run(todo[s : s + 32], device)
-    pipe.to("cpu")  # the text encoders leave the GPU for good
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+def _cache(fill, device: str, store: str):
+    """encode(prompts) -> (sequence (B, 77+L, D), pooled (B, D')) on `device`, from a per-prompt cache kept
+    on `store`; fill(missing prompts) computes the embeddings of prompts not seen yet."""
+    cache: dict[str, tuple] = {}
 
     def encode(prompts: list[str]):
         missing = sorted({p for p in prompts if p not in cache})
         if missing:
-            run(missing, "cpu")
+            seq, pooled = fill(missing)
+            cache.update({p: (s.to(store), q.to(store)) for p, s, q in zip(missing, seq, pooled)})
         return (torch.stack([cache[p][0] for p in prompts]).to(device, non_blocking=True),
                 torch.stack([cache[p][1] for p in prompts]).to(device, non_blocking=True))
 
     return encode
 
 
-def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, dtype):
+def cached_prompt_encoder(source: str, prompts: list[str], max_sequence_length: int, device: str, dtype, store: str):
+    """Encode `prompts` and "" with the stock pipeline's encode_prompt (CLIP-L, CLIP-G, T5), then move
+    the three text encoders to the CPU. A prompt not seen at load time is encoded there later (slow,
+    but correct). The cache costs 2.7 MB per prompt on SD3.5 in bf16 (333 × 4096 numbers)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = _pretrained(StableDiffusion3Pipeline, source, transformer=None, vae=None, dtype=dtype)
+    on = device
+
+    @torch.no_grad()
+    def fill(batch):
+        seq, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=on, do_classifier_free_guidance=False,
+                                               max_sequence_length=max_sequence_length)
+        return seq, pooled
+
+    encode = _cache(fill, device, store)
+    pipe.to(device)
+    todo = sorted(set(prompts) | {""})
+    for s in range(0, len(todo), 32):  # 32 prompts per call: T5-XXL activations stay small
+        encode(todo[s : s + 32])
+    pipe.to("cpu")  # the text encoders leave the GPU for good
+    on = "cpu"  # fill() reads `on` when called: later prompts are encoded where the encoders now are
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return encode
+
+
+def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, dtype, store: str):
     """--random-weights: no text encoders; each prompt gets fixed random embeddings of the real shapes,
     seeded by the prompt's text, so a prompt means the same thing in every call and every run."""
     seq_len, dim, pooled_dim = CLIP_TOKENS + max_sequence_length, config["joint_attention_dim"], config["pooled_projection_dim"]
 
-    def one(prompt):
-        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") >> 1
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(seq_len, dim, generator=g), torch.randn(pooled_dim, generator=g)
+    def fill(batch):
+        pairs = []
+        for prompt in batch:
+            g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") >> 1)
+            pairs.append((torch.randn(seq_len, dim, generator=g), torch.randn(pooled_dim, generator=g)))
+        return [s.to(dtype) for s, _ in pairs], [q.to(dtype) for _, q in pairs]
 
-    def encode(prompts: list[str]):
-        pairs = [one(p) for p in prompts]
-        return (torch.stack([s for s, _ in pairs]).to(device, dtype), torch.stack([q for _, q in pairs]).to(device, dtype))
-
-    return encode
+    return _cache(fill, device, store)
 
 
 # ----------------------------------------------------------------------------------------------------

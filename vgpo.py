@@ -99,7 +99,7 @@ class Args:
     random_weights: bool = _f(False, "build the architecture from configs in sd3.py with random weights and random "
                                      "prompt embeddings: no download, to plan memory and speed")
     low_memory: bool = _f(False, "settings for a 24 GB card: micro-batches of 4 (×8 accumulation), eval batch 4, "
-                                 "one image per VAE decode")
+                                 "one image per VAE decode, prompt embeddings cached in host memory")
     preview_decoder: str = _f("vae", "decoder of the instant-reward previews, eq. (3): 'vae' (the full VAE), 'tiny' "
                                      "(TAESD3, much cheaper) or an AutoencoderTiny folder/hub id; the terminal reward "
                                      "always uses the full VAE")
@@ -155,7 +155,8 @@ PRESETS = {
 MODELS = ("tiny", "sd3.5", "sd3.5-large")  # or any SD3-family hub id / local diffusers folder (sd3.py)
 # --low-memory: applied like a preset (below what the user set, above the model's preset). The train step
 # at micro-batch 8 with CFG is a batch of 16 through the transformer; 4 halves its activations, and ×8
-# accumulation keeps 2 optimizer steps per epoch at N = 64. Decoding one image at a time is set in sd3.py.
+# accumulation keeps 2 optimizer steps per epoch at N = 64. One image per VAE call and the prompt cache in
+# host memory are set in sd3.py.
 LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4)
 # Evaluation draws its starting noise from this fixed seed, whatever --seed is: every evaluation of every
 # run starts from the same noise (common random numbers), so a change between two evaluations is the
