@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -133,9 +134,11 @@ def stock_pipeline(model):
     return pipe
 
 
-def rollout_speed(model, args, prompts, device, reps=2) -> dict:
+def rollout_speed(model, args, prompts, device, reps=3) -> dict:
     """Images/s of vgpo.rollout (SDE, log-probs, previews kept, final VAE decode) and of the stock
-    pipeline (ODE, final decode) on the same N images, both in micro-batches of train_batch_size."""
+    pipeline (ODE, final decode) on the same N images, both in micro-batches of train_batch_size. The
+    three are interleaved `reps` times and each keeps its fastest time (the least disturbed by whatever
+    else the machine is doing)."""
     n, b = len(prompts) * args.num_generations, args.train_batch_size
     expanded = [p for p in prompts for _ in range(args.num_generations)]
     pipe = stock_pipeline(model)
@@ -152,12 +155,16 @@ def rollout_speed(model, args, prompts, device, reps=2) -> dict:
         return out
 
     ours = lambda: vgpo.rollout(model, prompts, args, generator=torch.Generator(device).manual_seed(0))  # noqa: E731
-    ours(), stock()  # warm-up (kernels, allocator)
-    t_ours, _ = _timed(ours, device, reps)
-    t_stock, _ = _timed(stock, device, reps)
-    with adapter_off(model.transformer):  # the stock pipeline as users run it: the plain base model, no LoRA layers
-        stock()
-        t_plain, _ = _timed(stock, device, reps)
+    def plain():  # the stock pipeline as users run it: the plain base model, no LoRA layers
+        with adapter_off(model.transformer):
+            return stock()
+
+    ours(), stock(), plain()  # warm-up (kernels, allocator)
+    times = {"ours": [], "stock": [], "plain": []}
+    for r in range(reps):
+        for name, fn in (("ours", ours), ("stock", stock), ("plain", plain))[:: 1 if r % 2 == 0 else -1]:
+            times[name].append(_timed(fn, device)[0])
+    t_ours, t_stock, t_plain = (min(times[k]) for k in ("ours", "stock", "plain"))
     return {"images": n, "rollout_img_s": n / t_ours, "stock_same_lora_transformer_img_s": n / t_stock,
             "stock_plain_img_s": n / t_plain, "rollout/stock_plain": t_plain / t_ours}
 
@@ -243,7 +250,7 @@ def _gib(x):
 
 def sd3_bench(a) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tmp = tempfile.mkdtemp(prefix="vgpo-bench-")
+    tmp = a.tmp  # the prompt file (and the tiny pipeline); removed by main() afterwards
     if a.tiny_sd3:  # a small random SD3 pipeline with text encoders, saved and loaded like a user's folder
         import sd3
 
@@ -254,7 +261,10 @@ def sd3_bench(a) -> dict:
     with open(prompt_file, "w") as f:
         f.write("\n".join(prompts) + "\n")
     preview = a.tiny_preview or "tiny"
-    result = {"setting": {k: v for k, v in vars(a).items()}, "device": device,
+    setting = {k: v for k, v in vars(a).items() if k != "tmp"}
+    if a.tiny_sd3:  # not the temp folder's name, which is gone after the run
+        setting.update(model="tiny random SD3 pipeline (sd3.save_tiny_random_pipeline, 4 layers)", tiny_preview="random")
+    result = {"setting": setting, "device": device,
               "hardware": torch.cuda.get_device_name() if device == "cuda" else
               f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
               "date": time.strftime("%Y-%m-%d")}
@@ -344,11 +354,14 @@ def main(argv=None):
         p.add_argument("--epochs", type=int, default=1, help="timed epochs per configuration (after one warm-up each)")
         p.add_argument("--out", default="bench-sd3.json")
         a = p.parse_args(argv)
+        a.tmp = tempfile.mkdtemp(prefix="vgpo-bench-")
         try:
             r = sd3_bench(a)
         except vgpo.UsageError as e:
             print(f"bench.py: error: {e}", file=sys.stderr)
             return 2
+        finally:
+            shutil.rmtree(a.tmp, ignore_errors=True)
         print_sd3(r)
         with open(a.out, "w") as f:
             json.dump(r, f, indent=2)

@@ -180,3 +180,18 @@ def test_absent_weights_get_one_line_and_exit_code_2(model, needle, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err and "Traceback" not in err, err
     assert "--random-weights" in err and "--model tiny" in err
+
+
+def test_sd3_benchmark_runs_end_to_end(tmp_path):
+    """`python bench.py --tiny-sd3` (the CPU stand-in for `--model sd3.5 --random-weights`) measures rollout
+    against the stock pipeline, the three epoch configurations and the FLOP rates, and writes its JSON."""
+    import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny-sd3", "--resolution", "32", "--num-generations", "2", "--train-batch-size", "2",
+                       "--num-steps", "3", "--max-sequence-length", "16", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["epochs"]) == {"vgpo (vae previews)", "vgpo (tiny previews)", "grpo"}
+    assert r["rollout"]["images"] == 4 and r["rollout"]["rollout_img_s"] > 0 and r["rollout"]["stock_plain_img_s"] > 0
+    assert r["flops"]["train_step_tflop"] > r["flops"]["forward_tflop"] > 0
+    assert r["peak_epoch_gib"] is None if r["device"] == "cpu" else r["peak_epoch_gib"] > 0

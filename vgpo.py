@@ -10,7 +10,7 @@ Run:
     python vgpo.py                      # the built-in tiny model on the shapes toy world, CPU, minutes
     python vgpo.py --algo grpo          # the Flow-GRPO baseline, same code and budget
     python vgpo.py --help               # every hyperparameter with its paper symbol
-    python vgpo.py --model sd3.5 --reward pickscore       # SD3.5-Medium with LoRA on one GPU (sd3.py loads it)
+    python vgpo.py --model sd3.5 --prompts FILE --reward NAME   # SD3.5-Medium with LoRA on one GPU (sd3.py loads it)
     python vgpo.py --model sd3.5 --random-weights --epochs 1   # same architecture, no download: memory and speed
 
 Time runs from noise to data: σ_0 = 1 > σ_1 > … > σ_T = 0 are the scheduler's sigmas, step k maps
