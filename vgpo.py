@@ -35,7 +35,8 @@ Shape letters: N = P·G trajectories (P prompts per epoch, G = `num_generations`
 Our reading where the paper is silent (each behind a flag where a careful reader could differ):
     1. Instant rewards score the one-step prediction x̂0_{k+1} made from the velocity that step k+1
        computes anyway: no extra transformer call, one decode + reward call per step. For the last
-       step x̂0_T = x_T, so r_{T−1} is the ordinary terminal reward.
+       step x̂0_T = x_T, so r_{T−1} is the ordinary terminal reward. On SD3 the previews may be decoded
+       by TAESD3 (`--preview-decoder tiny`, far cheaper); the terminal image always by the full VAE.
     2. Q_k is the discounted sum of future instant rewards with γ = 0.9 (`--gamma`; the paper's value is
        not given).
     3. ω_k divides by the mean of Q over all T steps of the same trajectory (the untrained last step
@@ -318,7 +319,7 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
             raise UsageError(str(e)) from None
         reference = parts.pop("reference")  # the adapter switched off: no second copy of the weights
         return Model(device=device, reference=reference if args.beta > 0 else None, **parts)
-    # Full fine-tuning keeps a frozen copy as the reference policy (with LoRA it will be the adapter off).
+    # Full fine-tuning keeps a frozen copy as the reference policy (with LoRA, above: the adapter off).
     reference = copy.deepcopy(transformer).requires_grad_(False) if args.beta > 0 else None
     # prompt → (sequence, pooled) embeddings; the negative prompt "" is encoded once like any other
     cache: dict[str, tuple] = {}
