@@ -11,6 +11,8 @@ Run:
     python vgpo.py --algo grpo          # the Flow-GRPO baseline, same code and budget
     python vgpo.py --help               # every hyperparameter with its paper symbol
     python vgpo.py --resume runs/<run>  # continue an interrupted run from its last checkpoint
+    python vgpo.py --model sd3.5 --prompts FILE --reward NAME   # SD3.5-Medium with LoRA on one GPU (sd3.py loads it)
+    python vgpo.py --model sd3.5 --random-weights --epochs 1   # same architecture, no download: memory and speed
 
 Time runs from noise to data: σ_0 = 1 > σ_1 > … > σ_T = 0 are the scheduler's sigmas, step k maps
 x_k → x_{k+1}, the velocity is v ≈ noise − x_0 and an Euler step is x + v·dt with dt = σ_{k+1} − σ_k < 0.
@@ -34,7 +36,8 @@ Shape letters: N = P·G trajectories (P prompts per epoch, G = `num_generations`
 Our reading where the paper is silent (each behind a flag where a careful reader could differ):
     1. Instant rewards score the one-step prediction x̂0_{k+1} made from the velocity that step k+1
        computes anyway: no extra transformer call, one decode + reward call per step. For the last
-       step x̂0_T = x_T, so r_{T−1} is the ordinary terminal reward.
+       step x̂0_T = x_T, so r_{T−1} is the ordinary terminal reward. On SD3 the previews may be decoded
+       by TAESD3 (`--preview-decoder tiny`, far cheaper); the terminal image always by the full VAE.
     2. Q_k is the discounted sum of future instant rewards with γ = 0.9 (`--gamma`; the paper's value is
        not given).
     3. ω_k divides by the mean of Q over all T steps of the same trajectory (the untrained last step
@@ -88,7 +91,8 @@ class Args:
     them for the toy model. The command line is generated from these fields (`--num-generations` ...)."""
 
     # run
-    model: str = _f("tiny", "model: 'tiny' (the built-in shapes model; SD3-family models arrive with the SD3 loader)")
+    model: str = _f("tiny", "model: 'tiny' (the built-in shapes model), 'sd3.5' (SD3.5-Medium), 'sd3.5-large', "
+                            "an SD3-family hub id or a local diffusers folder")
     algo: str = _f("vgpo", "algorithm: 'vgpo' or 'grpo' (the Flow-GRPO baseline, same code path)")
     reward: str = _f("shapes", "reward R: a name in reward.REWARDS (shapes, ocr, pickscore, aesthetic, ...), a weighted "
                      "sum 'pickscore=1,aesthetic=0.5', NAME@DIR for a model in a local folder")
@@ -103,6 +107,22 @@ class Args:
     keep_checkpoints: int = _f(2, "keep the newest this many checkpoints in <output_dir>/checkpoints/")
     resume: str = _f("", "continue the run in this folder from its last good checkpoint (README: Checkpoints ...)")
     nan_patience: int = _f(3, "stop (with a checkpoint) after this many batches in a row skipped for NaN/inf")
+    # SD3-family models (sd3.py); the tiny model ignores these
+    resolution: int = _f(512, "image size in pixels (square); a multiple of 16 on SD3")
+    max_sequence_length: int = _f(256, "T5 prompt tokens (after CLIP's 77); SD3.5 was trained with 256")
+    random_weights: bool = _f(False, "build the architecture from configs in sd3.py with random weights and random "
+                                     "prompt embeddings: no download, to plan memory and speed")
+    low_memory: bool = _f(False, "settings for a 24 GB card: micro-batches of 4 (×8 accumulation), eval batch 4, "
+                                 "one image per VAE decode, prompt embeddings cached in host memory")
+    preview_decoder: str = _f("vae", "decoder of the instant-reward previews, eq. (3): 'vae' (the full VAE), 'tiny' "
+                                     "(TAESD3, much cheaper) or an AutoencoderTiny folder/hub id; the terminal reward "
+                                     "always uses the full VAE")
+    dtype: str = _f("auto", "transformer/VAE/text-encoder dtype: 'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', "
+                            "'fp16', 'fp32'; LoRA weights, latents and log-probs are always fp32")
+    gradient_checkpointing: bool = _f(True, "recompute transformer activations in backward (SD3.5-M on an H200, "
+                                            "SPEC §7: 3.6× less memory at batch 8, 1.6× slower train step)")
+    lora_rank: int = _f(32, "LoRA rank r on the attention projections (SD3)")
+    lora_alpha: float = _f(64.0, "LoRA α (the adapter is scaled by α/r)")
     # sampling
     num_generations: int = _f(8, "G, trajectories per prompt (group size)")
     prompts_per_epoch: int = _f(8, "P, distinct prompts per epoch (N = P·G trajectories)")
@@ -146,7 +166,12 @@ PRESETS = {
         eval_batch_size=128,
     ),
 }
-MODELS = ("tiny",)  # SD3-family ids join this list with the SD3 loader
+MODELS = ("tiny", "sd3.5", "sd3.5-large")  # or any SD3-family hub id / local diffusers folder (sd3.py)
+# --low-memory: applied like a preset (below what the user set, above the model's preset). The train step
+# at micro-batch 8 with CFG is a batch of 16 through the transformer; 4 halves its activations, and ×8
+# accumulation keeps 2 optimizer steps per epoch at N = 64. One image per VAE call and the prompt cache in
+# host memory are set in sd3.py.
+LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4)
 # Evaluation draws its starting noise from this fixed seed, whatever --seed is: every evaluation of every
 # run starts from the same noise (common random numbers), so a change between two evaluations is the
 # model's and not the noise's. With 624 images this keeps the metric's run-to-run jitter small.
@@ -177,7 +202,8 @@ def make_args(**overrides) -> Args:
     """Args for `overrides["model"]` with its preset applied, then `overrides` (what the user set)."""
     # order of precedence: what the user set > the model's preset > the Args default (SD3.5's)
     model = overrides.get("model", Args.model)
-    values = {**PRESETS.get(model if model in PRESETS else "", {}), **overrides}
+    low_memory = LOW_MEMORY if overrides.get("low_memory") and model != "tiny" else {}
+    values = {**PRESETS.get(model if model in PRESETS else "", {}), **low_memory, **overrides}
     unknown = set(values) - {f.name for f in dataclasses.fields(Args)}
     if unknown:
         raise UsageError(f"unknown setting(s) {sorted(unknown)}")
@@ -210,13 +236,27 @@ def parse_args(argv=None) -> Args:
 def validate(args: Args) -> None:
     """Reject bad settings with a message that says what to do, before anything heavy is loaded."""
     import reward
+    import sd3
 
     # every float must be a number: argparse accepts "nan" and "inf", which pass none of the range checks below
     for f in dataclasses.fields(Args):
         if f.type == "float" and not math.isfinite(getattr(args, f.name)):
             raise UsageError(f"--{f.name.replace('_', '-')} must be a finite number")
+    sd3_named = args.model in sd3.HUB_IDS
     checks = [
-        (args.model in MODELS, f"unknown --model {args.model!r}: use 'tiny' (SD3-family models are not wired in yet)"),
+        (args.model == "tiny" or sd3.is_model_name(args.model),
+         f"unknown --model {args.model!r}: use 'tiny', 'sd3.5', 'sd3.5-large', a hub id (owner/name) or a local diffusers folder"),
+        (not sd3_named or args.random_weights or resolve_device(args) != "cpu",
+         f"--model {args.model} needs a CUDA GPU and none is here: use --model tiny on the CPU, or --random-weights "
+         "to plan memory and speed, or a small local SD3 folder"),
+        (not (args.random_weights and args.model == "tiny"), "--random-weights is for SD3-family models (--model tiny has its own checkpoint)"),
+        (args.preview_decoder in ("vae", "tiny") or sd3.is_model_name(args.preview_decoder),
+         f"--preview-decoder {args.preview_decoder!r}: use 'vae', 'tiny' or an AutoencoderTiny folder/hub id"),
+        (args.dtype in ("auto", "bf16", "fp16", "fp32"), f"--dtype {args.dtype!r}: use 'auto', 'bf16', 'fp16' or 'fp32'"),
+        (args.model == "tiny" or args.resolution > 0 and args.resolution % 16 == 0,
+         f"--resolution must be a positive multiple of 16, got {args.resolution}"),
+        (1 <= args.max_sequence_length <= 512, "--max-sequence-length must be in 1…512 (T5's limit in SD3)"),
+        (args.lora_rank >= 1 and args.lora_alpha > 0, "--lora-rank must be ≥ 1 and --lora-alpha > 0"),
         (args.algo in ("vgpo", "grpo"), f"unknown --algo {args.algo!r}: use 'vgpo' or 'grpo'"),
         (args.num_generations >= 2, "--num-generations must be ≥ 2: group-relative advantages need a group"),
         (0 < args.gamma <= 1, f"--gamma must be in (0, 1], got {args.gamma}"),
@@ -281,10 +321,15 @@ class Model:
     # the prompt batches `encode` has run, in order: a resumed run replays them, because a batched encoder's
     # output depends (in the last bits) on the batch, and a cache filled otherwise would change the run
     encoded: list = field(default_factory=list)
+    # decoder of the instant-reward previews x̂0_{k+1}, k < T−1 (None: `decode`); the terminal image
+    # always goes through `decode` (on SD3 the full VAE, the previews optionally TAESD3)
+    preview_decode: Callable | None = None
+    sigma_kwargs: dict = field(default_factory=dict)  # extra set_timesteps arguments (μ of dynamic shifting)
+    parts: dict = field(default_factory=dict)  # SD3: vae, preview_vae, dtype (for benchmarks and tests)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """σ_0 = 1 > … > σ_T = 0, (T+1,) in fp32, exactly the scheduler's."""
-        self.scheduler.set_timesteps(num_steps)
+        self.scheduler.set_timesteps(num_steps, **self.sigma_kwargs)
         return self.scheduler.sigmas.float().to(self.device)
 
 
@@ -315,9 +360,18 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
         latent_shape = (3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
     else:
-        # ---- the SD3 loader goes here (SD3.5-M / -L with LoRA via peft, bf16, cached T5/CLIP prompts) ----
-        raise UsageError(f"unknown --model {args.model!r}: use 'tiny'")
-    # Full fine-tuning keeps a frozen copy as the reference policy (with LoRA it will be the adapter off).
+        # SD3-family: LoRA (fp32) on a frozen bf16 transformer, the reference is the adapter switched
+        # off, prompts encoded once before the transformer is loaded (sd3.py, plumbing)
+        import sd3
+
+        train_set, eval_set = load_prompts(args)
+        try:
+            parts = sd3.load(args, device, [p for p, _ in train_set + eval_set])
+        except sd3.ModelUnavailable as e:
+            raise UsageError(str(e)) from None
+        reference = parts.pop("reference")  # the adapter switched off: no second copy of the weights
+        return Model(device=device, reference=reference if args.beta > 0 else None, **parts)
+    # Full fine-tuning keeps a frozen copy as the reference policy (with LoRA, above: the adapter off).
     reference = copy.deepcopy(transformer).requires_grad_(False) if args.beta > 0 else None
     # prompt → (sequence, pooled) embeddings; the negative prompt "" is encoded once like any other
     cache: dict[str, tuple] = {}
@@ -437,6 +491,7 @@ def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     """Eq. (1): v = v_u + g·(v_c − v_u), in fp32. x (B, C, H, W); cond/uncond = (seq, pooled).
     With g = 1 only the conditional pass is run."""
     t = (sigma * 1000).expand(x.shape[0])  # diffusers' SD3 takes timestep = 1000·σ
+    x = x.to(cond[0].dtype)  # the transformer's dtype (bf16 on SD3.5); the result is cast back to fp32
     # one batched call for both passes, [uncond; cond], as the stock pipeline does
     if guidance_scale == 1.0:
         return net(x, encoder_hidden_states=cond[0], pooled_projections=cond[1], timestep=t, return_dict=False)[0].float()
@@ -569,18 +624,21 @@ def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[
     is computed and r_k = 0 for k < T−1 (GRPO, and the no-temporal-values ablation)."""
     n, T = traj.log_probs.shape
     r = torch.zeros((n, T), device=model.device)
+    # the terminal reward r_{T−1} scores the rollout's final images (x̂0_T = x_T, decoded by the full VAE)
+    r[:, -1] = _checked(reward_fn(traj.images, traj.prompts, metadata), "terminal reward").to(model.device)
     if not previews:
-        r[:, -1] = _checked(reward_fn(traj.images, traj.prompts, metadata), "terminal reward")
         return r
-    # All N·T previews go through the decoder and the reward in large batches: on SD3.5 this is where
-    # VGPO's extra cost lives (T decodes and reward calls per image instead of one), so it is batched
-    # and timed separately (time/reward_s).
-    flat = traj.x0_preds.flatten(0, 1)  # (N·T, C, H, W), trajectory-major
-    prompts = [p for p in traj.prompts for _ in range(T)]
-    metas = [m for m in metadata for _ in range(T)]
-    out = [reward_fn(model.decode(flat[s : s + batch_size]), prompts[s : s + batch_size], metas[s : s + batch_size])
+    # The N·(T−1) intermediate previews go through the preview decoder and the reward in large batches:
+    # on SD3.5 this is where VGPO's extra cost lives (T decodes and reward calls per image instead of
+    # one), so it is batched and timed separately (time/reward_s). `--preview-decoder tiny` cuts it.
+    decode = model.preview_decode or model.decode
+    flat = traj.x0_preds[:, :-1].flatten(0, 1)  # (N·(T−1), C, H, W), trajectory-major
+    prompts = [p for p in traj.prompts for _ in range(T - 1)]
+    metas = [m for m in metadata for _ in range(T - 1)]
+    out = [reward_fn(decode(flat[s : s + batch_size]), prompts[s : s + batch_size], metas[s : s + batch_size])
            for s in range(0, len(flat), batch_size)]
-    return _checked(torch.cat(out), "instant reward").to(model.device).view(n, T)
+    r[:, :-1] = _checked(torch.cat(out), "instant reward").to(model.device).view(n, T - 1)
+    return r
 
 
 def _checked(r, what):
@@ -929,9 +987,10 @@ def save_grid(images, prompts, rows, path) -> None:
     """One row per prompt (its first samples), the prompt written to the left. images (N, 3, H, W)."""
     from PIL import Image, ImageDraw
 
-    # 32-pixel images are enlarged 3× with nearest-neighbour so that single pixels stay visible
-    scale, label_w = 3, 260
-    h, w = images.shape[2] * scale, images.shape[3] * scale
+    # 32-pixel images are enlarged 3× with nearest-neighbour so that single pixels stay visible;
+    # large (SD3) images are shrunk to 256-pixel thumbnails so the grid stays a few MB
+    label_w = 260
+    h, w = (images.shape[2] * 3, images.shape[3] * 3) if images.shape[2] <= 64 else (256, 256)
     cols = max(len(r) for r in rows)
     grid = Image.new("RGB", (label_w + cols * (w + 2), len(rows) * (h + 2)), (40, 40, 40))
     draw = ImageDraw.Draw(grid)
@@ -939,7 +998,7 @@ def save_grid(images, prompts, rows, path) -> None:
         draw.text((4, y * (h + 2) + h // 2 - 6), prompts[idx[0]], fill=(230, 230, 230))
         for x, i in enumerate(idx):
             arr = (images[i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-            tile = Image.fromarray(arr).resize((w, h), Image.NEAREST)
+            tile = Image.fromarray(arr).resize((w, h), Image.NEAREST if w > arr.shape[1] else Image.BILINEAR)
             grid.paste(tile, (label_w + x * (w + 2), y * (h + 2)))
     grid.save(path)
 
@@ -973,12 +1032,27 @@ def plot_curves(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def finish_run(model: Model, history: list[dict], out_dir: str) -> None:
+def save_policy(model: Model, folder: str) -> str:
+    """The trained weights: on SD3 models `folder/pytorch_lora_weights.safetensors` in diffusers' LoRA
+    format (`StableDiffusion3Pipeline.load_lora_weights(folder)` loads it); on the tiny model the whole
+    transformer as `folder/transformer.safetensors`. Returns the file written."""
+    if getattr(model.transformer, "peft_config", None):
+        import sd3
+
+        return sd3.save_lora(model.transformer, folder)
     from safetensors.torch import save_file
 
     # the fine-tuned policy, loadable with shapes.load_pretrained-style code or any safetensors reader
+    os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
-    save_file(state, os.path.join(out_dir, "transformer.safetensors"))
+    save_file(state, os.path.join(folder, "transformer.safetensors"))
+    return os.path.join(folder, "transformer.safetensors")
+
+
+def finish_run(model: Model, history: list[dict], out_dir: str) -> None:
+    # SD3: only the LoRA, in DIR/lora/ (the base weights are the hub's); tiny: DIR/transformer.safetensors
+    path = save_policy(model, os.path.join(out_dir, "lora") if getattr(model.transformer, "peft_config", None) else out_dir)
+    print(f"trained weights: {path}", flush=True)
     plot_curves(history, os.path.join(out_dir, "curves.png"))
     first, last = history[0], history[-1]
     if "eval/strict_accuracy" in first:
@@ -999,6 +1073,11 @@ def print_startup_box(args: Args, model: Model, params, out_dir: str) -> None:
         f"trainable parameters {sum(p.numel() for p in params) / 1e6:.2f} M, lr {args.learning_rate}, "
         f"ε = {args.clip_range}, β = {args.beta}",
     ]
+    if args.model != "tiny":
+        lines.append(f"{args.resolution} px, latents {tuple(model.latent_shape)}, {model.parts['dtype']}, LoRA r {args.lora_rank} "
+                     f"α {args.lora_alpha:g}, checkpointing {'on' if args.gradient_checkpointing else 'off'}, previews "
+                     f"{args.preview_decoder}{', random weights' if args.random_weights else ''}"
+                     f"{', low memory' if args.low_memory else ''}")
     if args.algo == "vgpo":
         lines.append(f"γ = {args.gamma}, κ = {args.anchor_coef} on the first {args.anchor_steps} steps, "
                      f"temporal values {'on' if args.temporal_values else 'off'}")

@@ -1,0 +1,197 @@
+"""Tests of the SD3-family path (sd3.py and its use in vgpo.py), on the CPU with no download: a tiny random
+SD3 pipeline is built from configs (tokenizers included), saved to a folder and loaded through the same
+`--model PATH` code a user's SD3.5 folder goes through. Run: pytest -q"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sd3
+import vgpo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# 32-px images (16×16 latents, 64 image tokens), 16 T5 tokens: a rollout step takes milliseconds
+TINY = dict(resolution=32, max_sequence_length=16, guidance_scale=4.5, num_steps=4, num_generations=2,
+            prompts_per_epoch=2, train_batch_size=4, gradient_accumulation_steps=1)
+PROMPTS = ["a red cat", "a blue dog", "a green bird", 'a sign that says "vgpo"']
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    """(pipeline folder, prompt file, AutoencoderTiny folder), built once for the module."""
+    root = tmp_path_factory.mktemp("sd3")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return (sd3.save_tiny_random_pipeline(str(root / "pipe")), str(prompts),
+            sd3.save_tiny_random_preview_vae(str(root / "taesd")))
+
+
+def _load(tiny_sd3, **kw):
+    folder, prompts, _ = tiny_sd3
+    args = vgpo.make_args(model=folder, prompts=prompts, **{**TINY, **kw})
+    if args.noise_level > 0:  # validate() rightly refuses noise_level 0 for training
+        vgpo.validate(args)
+    return vgpo.load_model(args), args
+
+
+def _stock(folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_ode_rollout_reproduces_the_stock_pipeline(tiny_sd3):
+    """With noise_level 0, our rollout from the same start noise (same steps, CFG 4.5, shifted sigmas)
+    gives the stock StableDiffusion3Pipeline's latents at every step and its decoded images (≤ 1e-4)."""
+    model, args = _load(tiny_sd3, noise_level=0.0)
+    noise = torch.randn(4, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    traj = vgpo.rollout(model, PROMPTS[:2], args, noise=noise)
+    pipe, steps = _stock(tiny_sd3[0]), []
+
+    def keep(pipe, i, t, kw):  # the pipeline's latents after each step
+        steps.append(kw["latents"].clone())
+        return kw
+
+    images = pipe(traj.prompts, num_inference_steps=4, guidance_scale=4.5, height=32, width=32, max_sequence_length=16,
+                  latents=noise.clone(), output_type="pt", callback_on_step_end=keep).images
+    assert traj.latents.shape == (4, 5, 4, 16, 16) and traj.images.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(traj.latents[:, 1:], torch.stack(steps, 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(traj.images, images, atol=1e-4, rtol=0)
+    assert traj.latents[:, -1].abs().mean() > 0.1  # not a trivial all-zero agreement
+
+
+def test_exported_lora_in_the_stock_pipeline_equals_the_policy_and_adapter_off_is_the_base(tiny_sd3, tmp_path):
+    """save_policy writes diffusers' LoRA format: load_lora_weights in the stock pipeline gives exactly our
+    LoRA transformer's output (α/r restored), which differs from the base model; the KL reference (the
+    adapter switched off) is exactly the base model. Only LoRA weights (fp32) are trainable."""
+    model, _ = _load(tiny_sd3, beta=0.004)
+    trainable = [(n, p) for n, p in model.transformer.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable)
+    g = torch.Generator().manual_seed(1)
+    for n, p in trainable:  # a trained-looking adapter (B starts at zero)
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    path = vgpo.save_policy(model, str(tmp_path / "lora"))
+    assert path.endswith("pytorch_lora_weights.safetensors")
+    pipe = _stock(tiny_sd3[0])
+    x, t = torch.randn(2, *model.latent_shape, generator=g), torch.tensor([700.0, 300.0])
+    seq, pooled = model.encode(PROMPTS[:2])
+    call = dict(encoder_hidden_states=seq, pooled_projections=pooled, timestep=t, return_dict=False)
+    with torch.no_grad():
+        base = pipe.transformer(x, **call)[0]
+        pipe.load_lora_weights(str(tmp_path / "lora"))
+        stock_lora = pipe.transformer(x, **call)[0]
+        ours, reference = model.transformer(x, **call)[0], model.reference(x, **call)[0]
+    assert (stock_lora - base).abs().max() > 1e-2
+    torch.testing.assert_close(stock_lora, ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference, base, atol=1e-6, rtol=0)
+
+
+def test_one_training_epoch_from_the_command_line(tiny_sd3, tmp_path):
+    """`python vgpo.py --model FOLDER …` trains one epoch (KL on, tiny preview decoder) and writes
+    DIR/lora/pytorch_lora_weights.safetensors, which the stock pipeline loads and which changes its output."""
+    folder, prompts, taesd = tiny_sd3
+    out = tmp_path / "run"
+    flags = dict(epochs=1, prompts_per_epoch=2, num_generations=2, train_batch_size=2, gradient_accumulation_steps=2,
+                 num_steps=3, eval_steps=2, eval_batch_size=4, resolution=32, max_sequence_length=16,
+                 reward="jpeg_compressibility", preview_decoder=taesd, learning_rate=1e-2)
+    cmd = [sys.executable, "vgpo.py", "--model", folder, "--prompts", prompts, "--output-dir", str(out),
+           *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]]
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "32 px, latents (4, 16, 16)" in proc.stdout and "epoch   1/1" in proc.stdout
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and len(rows[1]["credit/instant_reward"]) == 3
+    assert rows[1]["loss/kl"] >= 0 and "eval/score" in rows[1]
+    lora = out / "lora" / "pytorch_lora_weights.safetensors"
+    assert lora.exists() and not (out / "transformer.safetensors").exists()
+    pipe = _stock(folder)
+    run = dict(num_inference_steps=3, guidance_scale=4.5, height=32, width=32, max_sequence_length=16, output_type="latent")
+    before = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **run).images
+    pipe.load_lora_weights(str(out / "lora"))
+    after = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **run).images
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_instant_rewards_use_the_preview_decoder_for_previews_and_the_vae_for_the_terminal_image(tiny_sd3):
+    """r_k for k < T−1 scores previews decoded by `preview_decode`; r_{T−1} scores the rollout's images."""
+    model, args = _load(tiny_sd3)
+    traj = vgpo.rollout(model, PROMPTS[:2], args, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def reward_fn(images, prompts, metadata):
+        seen.append(images)
+        return images.mean(dim=(1, 2, 3))
+
+    model.preview_decode = lambda z: torch.full((z.shape[0], 3, 32, 32), 0.25)
+    r = vgpo.instant_rewards(model, traj, reward_fn, [{}] * 4, previews=True)
+    torch.testing.assert_close(r[:, :-1], torch.full((4, 3), 0.25))
+    torch.testing.assert_close(r[:, -1], traj.images.mean(dim=(1, 2, 3)))
+    assert sum(len(s) for s in seen) == 4 * 4  # N terminal images + N·(T−1) previews, nothing decoded twice
+
+
+def test_random_weights_need_no_weights_and_seed_embeddings_by_prompt(tiny_sd3):
+    """--random-weights builds the architecture from its config only (random prompt embeddings of shape
+    (B, 77 + L, joint dim) and (B, pooled dim), the same for the same prompt); the SD3.5 configs kept in
+    sd3.py have SD3.5-M's 2.24 B and SD3.5-L's 8.06 B transformer parameters."""
+    from diffusers import SD3Transformer2DModel
+
+    model, _ = _load(tiny_sd3, random_weights=True)
+    seq, pooled = model.encode(["a", "b", "a"])
+    assert seq.shape == (3, 77 + 16, 32) and pooled.shape == (3, 16)
+    assert torch.equal(seq[0], seq[2]) and not torch.equal(seq[0], seq[1])
+    stock = _stock(tiny_sd3[0]).transformer.state_dict()
+    ours = {k: v for k, v in model.transformer.state_dict().items() if "lora_" not in k}
+    assert len(ours) == len(stock) and sum(v.numel() for v in ours.values()) == sum(v.numel() for v in stock.values())
+    assert not torch.equal(ours["pos_embed.proj.weight"], stock["pos_embed.proj.weight"])
+    for name, billions in [("sd3.5", 2.243), ("sd3.5-large", 8.057)]:
+        with torch.device("meta"):
+            net = SD3Transformer2DModel.from_config(sd3.TRANSFORMER_CONFIGS[name])
+        assert abs(sum(p.numel() for p in net.parameters()) / 1e9 - billions) < 1e-3
+
+
+def test_low_memory_is_a_preset_below_what_the_user_sets():
+    """--low-memory sets micro-batch 4 × 8 accumulation and eval batch 4 unless the user set them."""
+    a = vgpo.make_args(model="sd3.5", low_memory=True)
+    assert (a.train_batch_size, a.gradient_accumulation_steps, a.eval_batch_size) == (4, 8, 4)
+    assert vgpo.make_args(model="sd3.5", low_memory=True, train_batch_size=2).train_batch_size == 2
+    assert vgpo.make_args(model="sd3.5").train_batch_size == 8
+
+
+@pytest.mark.parametrize("model, needle", [
+    ("vgpo-test-nobody/absent-model", "hf auth login"),  # a hub id that is neither cached nor reachable
+    ("EMPTY_DIR", "not a complete SD3 diffusers folder"),
+    ("sd3.5", "needs a CUDA GPU"),
+])
+def test_absent_weights_get_one_line_and_exit_code_2(model, needle, tmp_path, capsys):
+    """Absent, gated or incomplete weights, and SD3.5 without a GPU: one line on stderr saying what to do
+    (log in / local folder / --random-weights / --model tiny), exit code 2, no traceback."""
+    if model == "sd3.5" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if model == "EMPTY_DIR":
+        model = str(tmp_path / "empty")
+        os.makedirs(model)
+    assert vgpo.main(["--model", model, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err and "Traceback" not in err, err
+    assert "--random-weights" in err and "--model tiny" in err
+
+
+def test_sd3_benchmark_runs_end_to_end(tmp_path):
+    """`python bench.py --tiny-sd3` (the CPU stand-in for `--model sd3.5 --random-weights`) measures rollout
+    against the stock pipeline, the three epoch configurations and the FLOP rates, and writes its JSON."""
+    import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny-sd3", "--resolution", "32", "--num-generations", "2", "--train-batch-size", "2",
+                       "--num-steps", "3", "--max-sequence-length", "16", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["epochs"]) == {"vgpo (vae previews)", "vgpo (tiny previews)", "grpo"}
+    assert r["rollout"]["images"] == 4 and r["rollout"]["rollout_img_s"] > 0 and r["rollout"]["stock_plain_img_s"] > 0
+    assert r["flops"]["train_step_tflop"] > r["flops"]["forward_tflop"] > 0
+    assert r["peak_epoch_gib"] is None if r["device"] == "cpu" else r["peak_epoch_gib"] > 0
