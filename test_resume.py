@@ -278,7 +278,7 @@ def test_nan_in_rewards_loss_or_log_probs_skips_that_batch_and_is_counted(prompt
     assert [r.get("guard/skipped_batches") for r in rows] == [None, 0, 1, 1, 1, 0]
     assert "reward/mean" not in rows[2] and "reward/mean" in rows[3] and "policy/clip_frac" not in rows[3]
     err = capsys.readouterr().err
-    assert "NaN/inf in the rollout (32 NaN/inf instant reward value(s))" in err
+    assert "NaN/inf in the rollout (8 NaN/inf terminal reward value(s))" in err
     assert "NaN/inf in the loss" in err and "NaN/inf log-prob" in err
     w = [load_file(os.path.join(out, "checkpoints", f"epoch_{e:04d}", "weights.safetensors")) for e in (1, 2, 3, 4, 5)]
     assert all(torch.equal(w[0][k], w[i][k]) for k in w[0] for i in (1, 2, 3))
@@ -346,6 +346,14 @@ BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fr
     ("train_batch_size", ["--train-batch-size", "0"], "batch sizes"),
     ("gradient_accumulation_steps", ["--gradient-accumulation-steps", "0"], "batch sizes"),
     ("eval_batch_size", ["--eval-batch-size", "0"], "batch sizes"),
+    ("resolution", ["--model", "sd3.5", "--random-weights", "--resolution", "500"], "--resolution"),
+    ("max_sequence_length", ["--max-sequence-length", "0"], "--max-sequence-length"),
+    ("random_weights", ["--random-weights"], "--random-weights is for SD3-family models"),
+    ("low_memory", ["--low-memory=yes"], "--low-memory"),
+    ("preview_decoder", ["--preview-decoder", "nope"], "--preview-decoder"),
+    ("dtype", ["--dtype", "int8"], "--dtype"),
+    ("gradient_checkpointing", ["--gradient-checkpointing=yes"], "--gradient-checkpointing"),
+    ("lora_rank", ["--lora-rank", "0"], "--lora-rank"), ("lora_alpha", ["--lora-alpha", "0"], "--lora-alpha"),
     (None, ["--no-such-flag", "1"], "unrecognized"),
 ]
 
