@@ -34,14 +34,13 @@ import time
 import numpy as np
 import torch
 
-import reward
 import vgpo
 
 
 def toy_epoch_time(epochs: int = 6, seed: int = 0) -> dict:
     args = vgpo.make_args(model="tiny", seed=seed)
     model = vgpo.load_model(args)
-    reward_fn = reward.REWARDS[args.reward](model.device)
+    reward_fn = vgpo.make_reward(args, model.device)
     train_set, _ = vgpo.load_prompts(args)
     rng = np.random.default_rng(seed)
     optimizer = vgpo.make_optimizer(model, args)  # the same optimizer as a training run
@@ -211,9 +210,7 @@ def flop_rates(model, args, prompts, device, reps=3) -> dict:
 def epoch_times(model, args, prompts, device, epochs=1) -> dict:
     """Seconds per epoch of VGPO with the VAE and the tiny preview decoder, and of GRPO, interleaved
     after one warm-up epoch each, on the same prompts. Peak GPU memory of the VGPO (VAE previews) epochs."""
-    import reward
-
-    reward_fn = reward.REWARDS[args.reward](device)
+    reward_fn = vgpo.make_reward(args, device)  # a --reward spec, e.g. pickscore=1,aesthetic=0.5
     optimizer = vgpo.make_optimizer(model, args)
     gen, shuffle = torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(1)
     chosen = [(p, {}) for p in prompts]
@@ -302,9 +299,7 @@ def sd3_bench(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
         args = _bench_args(a, prompt_file, low_memory=True, train_batch_size=4)
         model = vgpo.load_model(args)
-        import reward
-
-        row = vgpo.train_epoch(model, [(p, {}) for p in prompts], args, reward.REWARDS[args.reward](device),
+        row = vgpo.train_epoch(model, [(p, {}) for p in prompts], args, vgpo.make_reward(args, device),
                                vgpo.make_optimizer(model, args), torch.Generator(device).manual_seed(0),
                                torch.Generator().manual_seed(1))  # one VGPO epoch, VAE previews
         result["low_memory_epoch_s"] = row["time/epoch_s"]
@@ -349,7 +344,7 @@ def main(argv=None):
         p.add_argument("--num-steps", type=int, default=10)
         p.add_argument("--guidance-scale", type=float, default=4.5)
         p.add_argument("--max-sequence-length", type=int, default=256)
-        p.add_argument("--reward", default="jpeg_compressibility", help="a name in reward.REWARDS")
+        p.add_argument("--reward", default="jpeg_compressibility", help="a --reward spec as in vgpo.py, e.g. pickscore or pickscore=1,aesthetic=0.5")
         p.add_argument("--tiny-preview", default="", help="AutoencoderTiny folder for the tiny previews (default TAESD3)")
         p.add_argument("--epochs", type=int, default=1, help="timed epochs per configuration (after one warm-up each)")
         p.add_argument("--out", default="bench-sd3.json")
