@@ -31,6 +31,7 @@ so `import reward` is cheap.
 from __future__ import annotations
 
 import inspect
+import contextlib
 import io
 import math
 import os
@@ -210,6 +211,36 @@ def _hub_offline() -> bool:
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE)  # HF_HUB_OFFLINE=1 in the environment
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the hub be opened? Without this check a machine with no network spends about
+    a minute in the download helpers' retries (with a log line each) before the one-line error."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants
+
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """The download helpers log every retry; the user gets our one line if they fail."""
+    import logging
+
+    lg = logging.getLogger("huggingface_hub")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
 def _pretrained(cls, source, reward: str):
     """`source` itself if it is already a model/processor object, else `cls.from_pretrained(source)` from
     a local folder, the hub cache or, failing both, a download. Absent weights → RewardError, one line."""
@@ -223,9 +254,10 @@ def _pretrained(cls, source, reward: str):
     if os.path.isdir(source):
         raise RewardError(f"reward {reward!r}: folder {source!r} holds no loadable {cls.__name__} "
                           "(save one there with save_pretrained, or download the model into it)")
-    if not _hub_offline():
-        try:  # with no network this gives up after about a minute of retries
-            return cls.from_pretrained(source)
+    if not _hub_offline() and _hub_reachable():
+        try:
+            with _quiet_hub():
+                return cls.from_pretrained(source)
         except OSError:
             pass
     raise RewardError(f"reward {reward!r} needs {source} from the Hugging Face hub, which is neither in the local "

@@ -79,6 +79,9 @@ def compute_dtype(dtype: str, device: str) -> torch.dtype:
 def _quiet():
     """Without a network the libraries log "Couldn't connect to the Hub … will try the cache" before they
     raise; the user gets our one line instead (vgpo's contract for bad input)."""
+    import diffusers  # noqa: F401  (imported first: their import sets their loggers' levels)
+    import transformers  # noqa: F401
+
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "huggingface_hub")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

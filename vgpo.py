@@ -366,7 +366,8 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
 
         train_set, eval_set = load_prompts(args)
         try:
-            parts = sd3.load(args, device, [p for p, _ in train_set + eval_set])
+            with sd3._quiet():  # library notes at import and load time would break the one-line error
+                parts = sd3.load(args, device, [p for p, _ in train_set + eval_set])
         except sd3.ModelUnavailable as e:
             raise UsageError(str(e)) from None
         reference = parts.pop("reference")  # the adapter switched off: no second copy of the weights
