@@ -79,7 +79,13 @@ def shapes_reward(device="cpu", strict_weight: float = 0.5):
         out.update({f"strict/{c}": v for c, v in per_cat.items()})
         return out
 
-    fn.metrics = metrics
+    def check_prompts(pairs):  # before the run: a prompt outside the grammar has no exact check
+        try:
+            metas_of([p for p, _ in pairs], [m for _, m in pairs])
+        except ValueError as e:
+            raise RewardError(f"the shapes reward scores only prompts of the shapes world: {e}") from None
+
+    fn.metrics, fn.check_prompts = metrics, check_prompts
     return fn
 
 

@@ -280,3 +280,12 @@ def test_prompt_file_errors_are_one_line(tmp_path, capsys):
     assert vgpo.main(["--prompts", str(path), *FEW, "--output-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.jsonl:2" in err
+
+
+def test_shapes_reward_rejects_prompts_outside_the_grammar_before_the_run():
+    """The shapes reward checks a prompt file at start-up: a sentence of known words that is not a prompt of
+    the grammar (no exact check exists for it) is a RewardError naming it, not a traceback mid-run."""
+    fn = reward.REWARDS["shapes"]("cpu")
+    fn.check_prompts([("a red circle", {}), ("three blue squares", {})])  # prompts of the grammar pass
+    with pytest.raises(reward.RewardError, match="'a green triangle above a red circle' is not a prompt"):
+        fn.check_prompts([("a red circle", {}), ("a green triangle above a red circle", {})])
