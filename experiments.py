@@ -11,7 +11,7 @@ Groups (`--only`):
     main         GRPO, VGPO, temporal-values-only (VGPO with --anchor-coef 0) and anchor-only (VGPO with
                  --no-temporal-values), `--seeds` seeds each, the same budget
     depletion    GRPO and VGPO on the strict 0/1 reward (`--reward shapes_strict`), where many groups are
-                 uniform; `--seeds` seeds
+                 uniform; `--depletion-seeds` seeds (default: `--seeds`)
     sensitivity  VGPO with one of κ (anchor_coef), anchor_steps, γ changed; `--sensitivity-seeds` seeds
 Defaults (epochs, eval_every, every hyperparameter) come from vgpo.make_args(model="tiny"): the toy preset.
 
@@ -64,13 +64,14 @@ class Run:
         return os.path.join(root, f"{self.overrides.get('algo', 'vgpo')}{'-' + tag if tag else ''}-e{epochs}-s{self.seed}")
 
 
-def plan(only, seeds: int, sensitivity_seeds: int) -> list[Run]:
+def plan(only, seeds: int, sensitivity_seeds: int, depletion_seeds: int | None = None) -> list[Run]:
     """Every run of the chosen groups, seed-major so that a plan cut short has balanced variants."""
     runs = []
     if "main" in only:
         runs += [Run("main", name, s, o) for s in range(seeds) for name, o in VARIANTS.items()]
     if "depletion" in only:
-        runs += [Run("depletion", name, s, o) for s in range(seeds) for name, o in DEPLETION.items()]
+        depletion_seeds = seeds if depletion_seeds is None else depletion_seeds
+        runs += [Run("depletion", name, s, o) for s in range(depletion_seeds) for name, o in DEPLETION.items()]
     if "sensitivity" in only:
         for s in range(sensitivity_seeds):
             runs.append(Run("sensitivity", "vgpo", s, {}))
@@ -322,6 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=preset.epochs, help=f"epochs per run (default: the preset's {preset.epochs})")
     p.add_argument("--eval-every", type=int, default=preset.eval_every, help=f"(default: the preset's {preset.eval_every})")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0…N−1 of the main grid and the depletion pair (default 3)")
+    p.add_argument("--depletion-seeds", type=int, default=None, help="seeds of the depletion pair (default: --seeds)")
     p.add_argument("--sensitivity-seeds", type=int, default=1, help="seeds of the sensitivity sweep (default 1)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="change a vgpo.Args field in every run")
     p.add_argument("--deadline", default="", help="UTC HH:MM after which no new run starts (the current one finishes)")
@@ -332,14 +334,15 @@ def main(argv=None) -> int:
         only = opts.only.split(",")
         if set(only) - {"main", "depletion", "sensitivity"}:
             raise vgpo.UsageError(f"--only {opts.only!r}: use main, depletion and/or sensitivity, comma-separated")
-        if opts.epochs < 1 or opts.eval_every < 1 or opts.seeds < 1 or opts.sensitivity_seeds < 1:
-            raise vgpo.UsageError("--epochs, --eval-every, --seeds and --sensitivity-seeds must be ≥ 1")
+        opts.depletion_seeds = opts.seeds if opts.depletion_seeds is None else opts.depletion_seeds
+        if min(opts.epochs, opts.eval_every, opts.seeds, opts.depletion_seeds, opts.sensitivity_seeds) < 1:
+            raise vgpo.UsageError("--epochs, --eval-every and the seed counts must be ≥ 1")
         opts.set = parse_set(opts.set)
         opts.cmdline = "python experiments.py run " + " ".join(
             a for a in [f"--epochs {opts.epochs}", f"--eval-every {opts.eval_every}", f"--seeds {opts.seeds}",
-                        f"--sensitivity-seeds {opts.sensitivity_seeds}", f"--only {opts.only}",
+                        f"--depletion-seeds {opts.depletion_seeds}", f"--sensitivity-seeds {opts.sensitivity_seeds}", f"--only {opts.only}",
                         *[f"--set {k}={v}" for k, v in opts.set.items()]])
-        runs = plan(only, opts.seeds, opts.sensitivity_seeds)
+        runs = plan(only, opts.seeds, opts.sensitivity_seeds, opts.depletion_seeds)
         vgpo.validate(run_args(runs[0], "", opts))
         if opts.command == "run":
             execute(runs, opts)
