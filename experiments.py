@@ -22,7 +22,6 @@ runs/experiments/ (not committed); the table and plots to results/ (committed).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import json
@@ -317,7 +316,7 @@ def parse_set(items) -> dict:
 
 def main(argv=None) -> int:
     preset = vgpo.make_args(model="tiny")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = vgpo._Parser(description=__doc__.split("\n\n")[0])  # a usage mistake is one line and exit code 2
     p.add_argument("command", choices=["run", "summarise", "summarize"], help="run the missing runs, or only summarise")
     p.add_argument("--only", default="main,depletion,sensitivity", help="comma-separated groups: main, depletion, sensitivity")
     p.add_argument("--epochs", type=int, default=preset.epochs, help=f"epochs per run (default: the preset's {preset.epochs})")
@@ -329,8 +328,8 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", default="", help="UTC HH:MM after which no new run starts (the current one finishes)")
     p.add_argument("--runs", default=os.path.join("runs", "experiments"), help="where the run folders go")
     p.add_argument("--results", default="results", help="where experiments.md and the plots go")
-    opts = p.parse_args(argv)
     try:
+        opts = p.parse_args(argv)
         only = opts.only.split(",")
         if set(only) - {"main", "depletion", "sensitivity"}:
             raise vgpo.UsageError(f"--only {opts.only!r}: use main, depletion and/or sensitivity, comma-separated")
@@ -339,9 +338,9 @@ def main(argv=None) -> int:
             raise vgpo.UsageError("--epochs, --eval-every and the seed counts must be ≥ 1")
         opts.set = parse_set(opts.set)
         opts.cmdline = "python experiments.py run " + " ".join(
-            a for a in [f"--epochs {opts.epochs}", f"--eval-every {opts.eval_every}", f"--seeds {opts.seeds}",
-                        f"--depletion-seeds {opts.depletion_seeds}", f"--sensitivity-seeds {opts.sensitivity_seeds}", f"--only {opts.only}",
-                        *[f"--set {k}={v}" for k, v in opts.set.items()]])
+            [f"--epochs {opts.epochs}", f"--eval-every {opts.eval_every}", f"--seeds {opts.seeds}",
+             f"--depletion-seeds {opts.depletion_seeds}", f"--sensitivity-seeds {opts.sensitivity_seeds}",
+             f"--only {opts.only}", *[f"--set {k}={v}" for k, v in opts.set.items()]])
         runs = plan(only, opts.seeds, opts.sensitivity_seeds, opts.depletion_seeds)
         vgpo.validate(run_args(runs[0], "", opts))
         if opts.command == "run":
