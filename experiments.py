@@ -1,0 +1,356 @@
+"""The experiments of the README on the toy world: VGPO against GRPO and its two halves, reward-diversity
+depletion, and sensitivity to κ, anchor_steps and γ. Every run is an ordinary `vgpo.train` run in its own
+folder; this script plans them, runs the missing ones one after another in this process, and summarises
+the folders into a Markdown table and PNG plots.
+
+    python experiments.py run                      # the full plan (slow: hours on 2 CPU cores)
+    python experiments.py run --epochs 10 --seeds 2 --eval-every 5 --only main   # a smaller budget
+    python experiments.py summarise --epochs 10 --seeds 2 --eval-every 5         # tables and plots only
+
+Groups (`--only`):
+    main         GRPO, VGPO, temporal-values-only (VGPO with --anchor-coef 0) and anchor-only (VGPO with
+                 --no-temporal-values), `--seeds` seeds each, the same budget
+    depletion    GRPO and VGPO on the strict 0/1 reward (`--reward shapes_strict`), where many groups are
+                 uniform; `--depletion-seeds` seeds (default: `--seeds`)
+    sensitivity  VGPO with one of κ (anchor_coef), anchor_steps, γ changed; `--sensitivity-seeds` seeds
+Defaults (epochs, eval_every, every hyperparameter) come from vgpo.make_args(model="tiny"): the toy preset.
+
+A run whose folder holds a finished metrics.jsonl (its last row is the final, evaluated epoch) is skipped;
+an interrupted one with a checkpoint is resumed (vgpo's --resume), one without is started again. So the
+plan can be run in pieces (`--only`, `--deadline`) and summarised at any time. Runs go to
+runs/experiments/ (not committed); the table and plots to results/ (committed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+import vgpo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = {  # name → the settings it changes from the toy preset
+    "grpo": dict(algo="grpo"),
+    "vgpo": dict(),
+    "temporal-only": dict(anchor_coef=0.0),  # per-step values and weights, no absolute term
+    "anchor-only": dict(temporal_values=False),  # terminal reward only, ω ≡ 1, with the absolute term
+}
+DEPLETION = {"grpo-strict": dict(algo="grpo", reward="shapes_strict"), "vgpo-strict": dict(reward="shapes_strict")}
+# Sensitivity: one setting changed at a time around the preset's value (the preset's own point is the
+# main grid's VGPO run, reused). κ = 0 is temporal-only and anchor_steps ≥ T − 1 anchors every trained step.
+SENSITIVITY = {"anchor_coef": [0.3, 3.0], "anchor_steps": [2, 9], "gamma": [0.5, 1.0]}
+COLORS = {"grpo": "tab:red", "vgpo": "tab:blue", "temporal-only": "tab:green", "anchor-only": "tab:purple",
+          "grpo-strict": "tab:red", "vgpo-strict": "tab:blue"}
+
+
+@dataclasses.dataclass
+class Run:
+    group: str
+    label: str  # what the table calls it
+    seed: int
+    overrides: dict
+
+    def folder(self, root: str, epochs: int) -> str:
+        # named by what it changes, so two groups asking for the same settings share one run
+        tag = "-".join(f"{k}={v}" for k, v in sorted(self.overrides.items()) if k != "algo")
+        return os.path.join(root, f"{self.overrides.get('algo', 'vgpo')}{'-' + tag if tag else ''}-e{epochs}-s{self.seed}")
+
+
+def plan(only, seeds: int, sensitivity_seeds: int, depletion_seeds: int | None = None) -> list[Run]:
+    """Every run of the chosen groups, seed-major so that a plan cut short has balanced variants."""
+    runs = []
+    if "main" in only:
+        runs += [Run("main", name, s, o) for s in range(seeds) for name, o in VARIANTS.items()]
+    if "depletion" in only:
+        depletion_seeds = seeds if depletion_seeds is None else depletion_seeds
+        runs += [Run("depletion", name, s, o) for s in range(depletion_seeds) for name, o in DEPLETION.items()]
+    if "sensitivity" in only:
+        for s in range(sensitivity_seeds):
+            runs.append(Run("sensitivity", "vgpo", s, {}))
+            runs += [Run("sensitivity", f"{k}={v}", s, {k: v}) for k, values in SENSITIVITY.items() for v in values]
+    return runs
+
+
+def read_rows(folder: str) -> list[dict]:
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finished(folder: str, epochs: int) -> bool:
+    rows = read_rows(folder)
+    return bool(rows) and rows[-1]["epoch"] == epochs and "eval/strict_accuracy" in rows[-1]
+
+
+def run_args(run: Run, folder: str, opts) -> vgpo.Args:
+    extra = dict(epochs=opts.epochs, eval_every=opts.eval_every, save_every=opts.eval_every, keep_checkpoints=1)
+    return vgpo.make_args(model="tiny", seed=run.seed, output_dir=folder, **{**extra, **run.overrides, **opts.set})
+
+
+def execute(runs: list[Run], opts) -> None:
+    """Run what is missing, in order; stop starting new runs after --deadline (UTC HH:MM)."""
+    todo = [r for r in runs if not finished(r.folder(opts.runs, opts.epochs), opts.epochs)]
+    print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
+    for i, run in enumerate(todo):
+        if opts.deadline and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= opts.deadline:
+            print(f"deadline {opts.deadline} UTC reached: {len(todo) - i} runs not started", flush=True)
+            break
+        folder = run.folder(opts.runs, opts.epochs)
+        args = run_args(run, folder, opts)
+        if os.path.isdir(os.path.join(folder, "checkpoints")) and os.listdir(os.path.join(folder, "checkpoints")):
+            args = vgpo.resume_args(folder, epochs=opts.epochs)  # an interrupted run: continue it
+        elif os.path.exists(folder):  # started but nothing to continue from: start again
+            shutil.rmtree(folder)
+        print(f"\n=== [{i + 1}/{len(todo)}] {run.group}: {run.label}, seed {run.seed} → {folder}", flush=True)
+        t0 = time.time()
+        vgpo.train(args)
+        print(f"=== done in {(time.time() - t0) / 60:.1f} min", flush=True)
+        shutil.rmtree(os.path.join(folder, "checkpoints"), ignore_errors=True)  # 45 MB each; the run is complete
+        summarise(runs, opts)  # tables and plots are current after every run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summaries
+# ----------------------------------------------------------------------------------------------------
+
+
+def collect(runs: list[Run], opts) -> dict:
+    """{(group, label): [rows of each finished seed]}; unfinished runs are left out (and counted)."""
+    out = {}
+    for r in runs:
+        folder = r.folder(opts.runs, opts.epochs)
+        if finished(folder, opts.epochs):
+            out.setdefault((r.group, r.label), []).append(read_rows(folder))
+    return out
+
+
+def by_epoch(seed_rows: list[list[dict]], key, reduce=lambda v: v):
+    """(epochs, mean over seeds, std over seeds (ddof 1; 0 for one seed)) of `key` where every seed has it."""
+    per_epoch = {}
+    for rows in seed_rows:
+        for row in rows:
+            if key in row:
+                per_epoch.setdefault(row["epoch"], []).append(reduce(row[key]))
+    epochs = sorted(e for e, v in per_epoch.items() if len(v) == len(seed_rows))
+    vals = [np.array(per_epoch[e], dtype=float) for e in epochs]
+    return (np.array(epochs), np.array([v.mean() for v in vals]),
+            np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]))
+
+
+def trained_abs_adv(v):  # mean |Â| over the trained steps (the last step's advantage is never used)
+    return float(np.mean(v[:-1]))
+
+
+def tail_mean(seed_rows, key, n=3, reduce=lambda v: v):
+    """Mean over seeds of the mean of `key` over the last n trained epochs."""
+    return float(np.mean([np.mean([reduce(r[key]) for r in [r for r in rows if key in r][-n:]]) for rows in seed_rows]))
+
+
+def head_mean(seed_rows, key, n=3, reduce=lambda v: v):
+    return float(np.mean([np.mean([reduce(r[key]) for r in [r for r in rows if key in r][:n]]) for rows in seed_rows]))
+
+
+def fmt(m, s, n):
+    return f"{m:.3f} ± {s:.3f}" if n > 1 else f"{m:.3f}"
+
+
+def table(data: dict, group: str, labels: list[str], opts, reference: str | None = None) -> list[str]:
+    """Markdown rows: held-out strict accuracy by evaluated epoch (mean ± std over seeds), epochs to reach the
+    reference's final accuracy, frac_zero_std and mean |Â| (first → last 3 epochs), seconds per epoch."""
+    present = [lb for lb in labels if (group, lb) in data]
+    if not present:
+        return [f"_no finished runs of `{group}` for this budget yet_", ""]
+    epochs = by_epoch(data[(group, present[0])], "eval/strict_accuracy")[0]
+    ref_final = None
+    if reference and (group, reference) in data:
+        ref_final = by_epoch(data[(group, reference)], "eval/strict_accuracy")[1][-1]
+    head = ["run", "seeds", *[f"strict acc. @{e}" for e in epochs]]
+    head += [f"epochs to {reference}'s final" if ref_final is not None else None, "train reward (first 3 → last 3)",
+             "frac_zero_std (first 3 → last 3)", "mean abs(Â) (first 3 → last 3)", "s / epoch", "s / eval"]
+    head = [h for h in head if h is not None]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lb in present:
+        rows = data[(group, lb)]
+        n = len(rows)
+        e, m, s = by_epoch(rows, "eval/strict_accuracy")
+        cells = [lb, str(n), *[fmt(mi, si, n) for mi, si in zip(m, s)]]
+        if ref_final is not None:  # first evaluated epoch after training began where the mean reaches it
+            hit = [int(ei) for ei, mi in zip(e, m) if ei > 0 and mi >= ref_final - 1e-9]
+            cells.append(str(hit[0]) if hit else f"not in {int(e[-1])}")
+        for key, red in [("reward/mean", float), ("reward/frac_zero_std", float), ("advantage/mean_abs", trained_abs_adv)]:
+            cells.append(f"{head_mean(rows, key, reduce=red):.3f} → {tail_mean(rows, key, reduce=red):.3f}")
+        cells.append(f"{np.mean([r['time/epoch_s'] for rows_ in rows for r in rows_ if 'reward/mean' in r]):.1f}")
+        cells.append(f"{np.mean([r['time/eval_s'] for rows_ in rows for r in rows_ if 'time/eval_s' in r]):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def sensitivity_table(data, opts) -> list[str]:
+    base = vgpo.make_args(model="tiny")
+    lines = ["| setting | value | seeds | held-out strict acc., base → final | frac_zero_std (last 3) |", "|---|---|---|---|---|"]
+    found = False
+    for key, values in SENSITIVITY.items():
+        for v in sorted(set(values) | {getattr(base, key)}):
+            lb = "vgpo" if v == getattr(base, key) else f"{key}={v}"
+            rows = data.get(("sensitivity", lb))
+            if not rows:
+                continue
+            found = True
+            _, m, s = by_epoch(rows, "eval/strict_accuracy")
+            mark = " (preset)" if lb == "vgpo" else ""
+            lines.append(f"| {key} | {v}{mark} | {len(rows)} | {m[0]:.3f} → {fmt(m[-1], s[-1], len(rows))} | "
+                         f"{tail_mean(rows, 'reward/frac_zero_std'):.3f} |")
+    return (lines if found else ["_no finished sensitivity runs for this budget yet_"]) + [""]
+
+
+def plots(data: dict, opts) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for group, labels, name in [("main", list(VARIANTS), "main"), ("depletion", list(DEPLETION), "depletion")]:
+        present = [lb for lb in labels if (group, lb) in data]
+        if not present:
+            continue
+        fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
+        for lb in present:
+            rows, c = data[(group, lb)], COLORS.get(lb)
+            for a, key, red in [(ax[0], "eval/strict_accuracy", float), (ax[1], "reward/mean", float),
+                                (ax[2], "reward/frac_zero_std", float), (ax[3], "advantage/mean_abs", trained_abs_adv)]:
+                e, m, s = by_epoch(rows, key, red)
+                a.plot(e, m, "o-" if key.startswith("eval") else "-", color=c, label=f"{lb} (n={len(rows)})", ms=4)
+                a.fill_between(e, m - s, m + s, color=c, alpha=0.15)
+        titles = ["held-out strict accuracy (mean ± std over seeds)", "training reward (terminal)",
+                  "frac_zero_std (uniform groups)", "mean |Â| over trained steps"]
+        for a, t in zip(ax, titles):
+            a.set(xlabel="epoch", title=t)
+        ax[0].legend(fontsize=8)
+        fig.suptitle(f"{group}: {budget_line(opts)}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(opts.results, f"{name}.png")
+        fig.savefig(path, dpi=70)
+        plt.close(fig)
+        written.append(path)
+    base = vgpo.make_args(model="tiny")
+    if any(g == "sensitivity" for g, _ in data):
+        fig, ax = plt.subplots(1, len(SENSITIVITY), figsize=(12, 3.4))
+        for a, (key, values) in zip(ax, SENSITIVITY.items()):
+            xs, ms, ss = [], [], []
+            for v in sorted(set(values) | {getattr(base, key)}):
+                rows = data.get(("sensitivity", "vgpo" if v == getattr(base, key) else f"{key}={v}"))
+                if rows:
+                    _, m, s = by_epoch(rows, "eval/strict_accuracy")
+                    xs.append(v), ms.append(m[-1]), ss.append(s[-1])
+            a.errorbar(xs, ms, yerr=ss, fmt="o-")
+            a.axvline(getattr(base, key), color="grey", ls=":", label="preset")
+            a.set(xlabel=key, ylabel="final held-out strict acc.", title=f"sensitivity to {key}")
+        fig.tight_layout()
+        path = os.path.join(opts.results, "sensitivity.png")
+        fig.savefig(path, dpi=70)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def budget_line(opts) -> str:
+    a = vgpo.make_args(model="tiny", epochs=opts.epochs, **opts.set)
+    return (f"{opts.epochs} epochs of {a.prompts_per_epoch}×{a.num_generations} trajectories, T = {a.num_steps}, "
+            f"evaluated every {opts.eval_every} epochs on the held-out set ({a.eval_steps} ODE steps)"
+            + (f", overrides {opts.set}" if opts.set else ""))
+
+
+def summarise(runs: list[Run], opts) -> str:
+    os.makedirs(opts.results, exist_ok=True)
+    data = collect(runs, opts)
+    done = sum(len(v) for v in data.values())
+    lines = [f"# Experiments on the toy world (written by `python experiments.py`)", "",
+             f"Budget: {budget_line(opts)}. {done} of {len(runs)} planned runs finished. Accuracy is the mean over seeds "
+             "± the std over seeds (ddof 1); '@E' is the evaluation after epoch E (@0 = the base model). "
+             "'first 3 → last 3' averages the first and the last three training epochs. Seconds are wall time on "
+             "this machine, 1 thread.", "",
+             f"Command: `{opts.cmdline}`", "", "## GRPO, VGPO and its two halves", ""]
+    lines += table(data, "main", list(VARIANTS), opts, reference="grpo")
+    lines += ["## Reward-diversity depletion (strict 0/1 reward, `--reward shapes_strict`)", ""]
+    lines += table(data, "depletion", list(DEPLETION), opts, reference="grpo-strict")
+    lines += ["## Sensitivity (VGPO, one setting changed)", ""]
+    lines += sensitivity_table(data, opts)
+    for p in plots(data, opts):
+        lines.append(f"![{os.path.basename(p)}]({os.path.basename(p)})")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(opts.results, "experiments.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_set(items) -> dict:
+    """--set key=value (any vgpo.Args field, e.g. prompts_per_epoch=4), typed by the field."""
+    fields = {f.name: f.type for f in dataclasses.fields(vgpo.Args)}
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise vgpo.UsageError(f"--set {item!r}: write FIELD=VALUE with a vgpo.Args field (see python vgpo.py --help)")
+        cast = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}[fields[key]]
+        try:
+            out[key] = cast(value)
+        except ValueError:
+            raise vgpo.UsageError(f"--set {item!r}: {value!r} is not a {fields[key]}") from None
+    return out
+
+
+def main(argv=None) -> int:
+    preset = vgpo.make_args(model="tiny")
+    p = vgpo._Parser(description=__doc__.split("\n\n")[0])  # a usage mistake is one line and exit code 2
+    p.add_argument("command", choices=["run", "summarise", "summarize"], help="run the missing runs, or only summarise")
+    p.add_argument("--only", default="main,depletion,sensitivity", help="comma-separated groups: main, depletion, sensitivity")
+    p.add_argument("--epochs", type=int, default=preset.epochs, help=f"epochs per run (default: the preset's {preset.epochs})")
+    p.add_argument("--eval-every", type=int, default=preset.eval_every, help=f"(default: the preset's {preset.eval_every})")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0…N−1 of the main grid and the depletion pair (default 3)")
+    p.add_argument("--depletion-seeds", type=int, default=None, help="seeds of the depletion pair (default: --seeds)")
+    p.add_argument("--sensitivity-seeds", type=int, default=1, help="seeds of the sensitivity sweep (default 1)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="change a vgpo.Args field in every run")
+    p.add_argument("--deadline", default="", help="UTC HH:MM after which no new run starts (the current one finishes)")
+    p.add_argument("--runs", default=os.path.join("runs", "experiments"), help="where the run folders go")
+    p.add_argument("--results", default="results", help="where experiments.md and the plots go")
+    try:
+        opts = p.parse_args(argv)
+        only = opts.only.split(",")
+        if set(only) - {"main", "depletion", "sensitivity"}:
+            raise vgpo.UsageError(f"--only {opts.only!r}: use main, depletion and/or sensitivity, comma-separated")
+        opts.depletion_seeds = opts.seeds if opts.depletion_seeds is None else opts.depletion_seeds
+        if min(opts.epochs, opts.eval_every, opts.seeds, opts.depletion_seeds, opts.sensitivity_seeds) < 1:
+            raise vgpo.UsageError("--epochs, --eval-every and the seed counts must be ≥ 1")
+        opts.set = parse_set(opts.set)
+        opts.cmdline = "python experiments.py run " + " ".join(
+            [f"--epochs {opts.epochs}", f"--eval-every {opts.eval_every}", f"--seeds {opts.seeds}",
+             f"--depletion-seeds {opts.depletion_seeds}", f"--sensitivity-seeds {opts.sensitivity_seeds}",
+             f"--only {opts.only}", *[f"--set {k}={v}" for k, v in opts.set.items()]])
+        runs = plan(only, opts.seeds, opts.sensitivity_seeds, opts.depletion_seeds)
+        vgpo.validate(run_args(runs[0], "", opts))
+        if opts.command == "run":
+            execute(runs, opts)
+        print(summarise(runs, opts))
+    except vgpo.UsageError as e:
+        print(f"experiments.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Tests of tutorial.ipynb (executed headless in quick mode), its lab exercises, and experiments.py."""
+import ast
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+import tutorial_build
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NOTEBOOK = os.path.join(HERE, "tutorial.ipynb")
+
+
+def _pngs(cell):
+    return sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+
+
+def _pngs_by_section(nb):
+    """{section number: PNG outputs in that section}, sections being the '## N.' markdown headings."""
+    counts, section = {}, 0
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("## "):
+            section = int(cell.source[3:].split(".")[0])
+        counts[section] = counts.get(section, 0) + (_pngs(cell) if cell.cell_type == "code" else 0)
+    return counts
+
+
+@pytest.fixture()
+def kernel(tmp_path, monkeypatch):
+    """A kernelspec for this interpreter, so the test does not depend on what 'python3' means elsewhere."""
+    spec = tmp_path / "kernels" / "vgpo-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                                           "{connection_file}"], "display_name": "vgpo test",
+                                                  "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    return "vgpo-test"
+
+
+def test_notebook_runs_headless_in_quick_mode_and_draws_its_plots(kernel, monkeypatch):
+    """The committed tutorial.ipynb executes without error in quick mode and sections 1–5 each draw a plot."""
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("VGPO_TUTORIAL_QUICK", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend turns figures into PNG outputs
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+    NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": HERE}}).execute()
+    counts = _pngs_by_section(nb)
+    assert all(counts.get(s, 0) >= 1 for s in (1, 2, 3, 4, 5)), counts
+    assert counts[4] >= 2 and counts[5] >= 2, counts
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "mode: quick" in text and "not attempted yet" in text
+
+
+def test_committed_notebook_is_the_builders_and_small_with_plots():
+    """tutorial.ipynb has tutorial_build.py's cells, was executed (PNG outputs), is ≤ 2 MB and redefines no vgpo function."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert [c.source for c in nb.cells] == [c.source for c in tutorial_build.build().cells], \
+        "tutorial.ipynb is out of date: python tutorial_build.py --execute"
+    assert os.path.getsize(NOTEBOOK) <= 2_000_000
+    assert sum(_pngs(c) for c in nb.cells if c.cell_type == "code") >= 7
+    import vgpo, shapes, reward
+
+    library = {n for m in (vgpo, shapes, reward) for n in dir(m) if callable(getattr(m, n)) and not n.startswith("_")}
+    defined = {node.name for c in nb.cells if c.cell_type == "code"
+               for node in ast.walk(ast.parse(c.source)) if isinstance(node, ast.FunctionDef)}
+    assert not defined & library, defined & library
+
+
+def _tests_by_name():
+    """{'file::test_name': source} of every test function in the suite."""
+    out = {}
+    for path in glob.glob(os.path.join(HERE, "test_*.py")):
+        src = open(path).read()
+        for node in ast.parse(src).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+                out[f"{os.path.basename(path)}::{node.name}"] = ast.get_source_segment(src, node)
+    return out
+
+
+@pytest.mark.parametrize("function, selector", tutorial_build.EXERCISES)
+def test_each_exercise_selector_selects_tests_that_call_the_function(function, selector):
+    """The `pytest -k` selector the notebook gives for an exercise selects tests, and one of them calls the function."""
+    from _pytest.mark.expression import Expression
+
+    expr = Expression.compile(selector)
+    chosen = {n: s for n, s in _tests_by_name().items() if expr.evaluate(lambda sub: sub.lower() in n.lower())}
+    assert chosen, selector
+    assert any(f"vgpo.{function}(" in s for s in chosen.values()), (function, sorted(chosen))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert any(f'-k "{selector}"' in c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+def test_a_wrong_solution_fails_the_exercise_tests(tmp_path):
+    """VGPO_SOLUTIONS puts the learner's function in place of vgpo's: a wrong vgpo_advantages fails `-k advantage`."""
+    wrong = tmp_path / "my_solutions.py"
+    wrong.write_text("import vgpo\n_right = vgpo.vgpo_advantages\n"
+                     "def my_vgpo_advantages(*a, **k):\n    return 1.01 * _right(*a, **k)\n")
+    env = {**os.environ, "VGPO_SOLUTIONS": str(wrong)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "advantage",
+                           "test_vgpo.py"], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "failed" in proc.stdout, proc.stdout[-2000:]
+    assert "testing your vgpo_advantages" in proc.stdout
+
+
+SMALL = ["--set", "prompts_per_epoch=2", "--set", "num_generations=4", "--set", "train_batch_size=4",
+         "--set", "gradient_accumulation_steps=2", "--set", "num_steps=4", "--set", "eval_steps=3",
+         "--set", "eval_batch_size=16"]
+
+
+def test_experiments_run_summarise_and_skip_finished_runs(tmp_path, capsys):
+    """experiments.py runs a group's plan, writes the table and plots from the run folders, and skips finished runs."""
+    import experiments
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na circle left of a square\n")
+    argv = ["--only", "depletion", "--epochs", "2", "--eval-every", "1", "--seeds", "1", "--set", f"prompts={prompts}",
+            *SMALL, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    assert experiments.main(["run", *argv]) == 0
+    assert "2 runs planned, 0 already finished, 2 to run" in capsys.readouterr().out
+    table = (tmp_path / "results" / "experiments.md").read_text()
+    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "grpo-reward=shapes_strict-e2-s0" / "metrics.jsonl").open()]
+    accs = [f"{r['eval/strict_accuracy']:.3f}" for r in rows]
+    assert f"| grpo-strict | 1 | {' | '.join(accs)} |" in table
+    assert (tmp_path / "results" / "depletion.png").exists()
+    assert experiments.main(["run", *argv]) == 0
+    assert "2 runs planned, 2 already finished, 0 to run" in capsys.readouterr().out
+    assert experiments.main(["summarise", "--only", "nope"]) == 2
