@@ -319,7 +319,7 @@ BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fr
     ("model", ["--model", "nope"], "--model"), ("algo", ["--algo", "ppo"], "--algo"),
     ("reward", ["--reward", "nope"], "--reward"), ("prompts", ["--prompts", "missing.txt"], "not found"),
     ("prompts", ["--prompts", "{tmp}/bad.jsonl"], "bad.jsonl:2: not JSON"),
-    ("prompts", ["--prompts", "{tmp}/words.txt"], "unknown: dog, purple"),
+    ("prompts", ["--prompts", "{tmp}/words.txt", "--reward", "jpeg_compressibility"], "unknown: dog, purple"),
     ("seed", ["--seed", "-1"], "--seed"), ("device", ["--device", "tpu"], "--device"),
     ("output_dir", ["--output-dir", "{tmp}/a-file"], "cannot write"),
     ("output_dir", ["--output-dir", "{tmp}/old-run"], "already holds a run"),
