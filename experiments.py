@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import math
 import os
 import shutil
 import sys
@@ -274,7 +273,7 @@ def summarise(runs: list[Run], opts) -> str:
     os.makedirs(opts.results, exist_ok=True)
     data = collect(runs, opts)
     done = sum(len(v) for v in data.values())
-    lines = [f"# Experiments on the toy world (written by `python experiments.py`)", "",
+    lines = ["# Experiments on the toy world (written by `python experiments.py`)", "",
              f"Budget: {budget_line(opts)}. {done} of {len(runs)} planned runs finished. Accuracy is the mean over seeds "
              "± the std over seeds (ddof 1); '@E' is the evaluation after epoch E (@0 = the base model). "
              "'first 3 → last 3' averages the first and the last three training epochs. Seconds are wall time on "
