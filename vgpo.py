@@ -337,8 +337,9 @@ def resolve_device(args: Args) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
 
-def load_model(args: Args, checkpoint: str | None = None) -> Model:
-    """The model bundle for `args.model`: transformer, reference, cached prompt encoder, decoder."""
+def load_model(args: Args, checkpoint: str | None = None, prompts: list[str] | None = None) -> Model:
+    """The model bundle for `args.model`: transformer, reference, cached prompt encoder, decoder. `prompts`:
+    what an SD3 model encodes before its transformer loads (default: the run's train and eval prompts)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     device = resolve_device(args)
@@ -364,10 +365,11 @@ def load_model(args: Args, checkpoint: str | None = None) -> Model:
         # off, prompts encoded once before the transformer is loaded (sd3.py, plumbing)
         import sd3
 
-        train_set, eval_set = load_prompts(args)
+        if prompts is None:
+            prompts = [p for pairs in load_prompts(args) for p, _ in pairs]
         try:
             with sd3._quiet():  # library notes at import and load time would break the one-line error
-                parts = sd3.load(args, device, [p for p, _ in train_set + eval_set])
+                parts = sd3.load(args, device, prompts)
         except sd3.ModelUnavailable as e:
             raise UsageError(str(e)) from None
         reference = parts.pop("reference")  # the adapter switched off: no second copy of the weights
@@ -819,7 +821,7 @@ def train(args: Args) -> list[dict]:
     reward_fn = make_reward(args, resolve_device(args), train_set + eval_set)
     check_vocabulary(args, train_set + eval_set)
     out_dir = open_run_dir(args, checkpoint)
-    model = load_model(args)
+    model = load_model(args, prompts=[p for p, _ in train_set + eval_set])  # the prompt files are read once
     optimizer = make_optimizer(model, args)
     params = optimizer.param_groups[0]["params"]
     rollout_gen = torch.Generator(model.device).manual_seed(args.seed)  # start noise and SDE noise
