@@ -726,6 +726,21 @@ def grpo_advantages(rewards, group_ids, scale_rewards, adv_clip_max, num_steps):
     return adv.unsqueeze(1).expand(-1, num_steps).contiguous()
 
 
+def credit(r: torch.Tensor, group_ids: torch.Tensor, args: Args):
+    """Eqs. (4)–(7) for one rollout: (values, weights, advantages), each (N, T), from the rewards r (N, T).
+    VGPO: discounted values, step weights and the anchored advantage; GRPO: the terminal reward's
+    group-normalised advantage on every step (its 'values' are the terminal reward, its weights 1)."""
+    if args.algo == "vgpo":
+        values = temporal_values(r, args.gamma)  # eq. (4)
+        weights = step_weights(values) if args.temporal_values else torch.ones_like(values)  # eq. (5)
+        adv = vgpo_advantages(values, group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
+                              args.adv_clip_max, weights=weights)  # eq. (6)
+    else:
+        values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)  # GRPO credits every step alike
+        adv = grpo_advantages(r[:, -1], group_ids, args.scale_rewards, args.adv_clip_max, args.num_steps)  # eq. (7)
+    return values, weights, adv
+
+
 # ====================================================================================================
 # §4  The clipped policy loss with KL, and the update over one rollout
 # ====================================================================================================
@@ -904,14 +919,7 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ro
         return {"guard/skipped_batches": guard.skipped, "time/rollout_s": t1 - t0, "time/epoch_s": time.time() - t0}
     t2 = time.time()
     # --- credit: per-step values and advantages (VGPO) or one advantage for all steps (GRPO) ---
-    if args.algo == "vgpo":
-        values = temporal_values(r, args.gamma)  # eq. (4)
-        weights = step_weights(values) if args.temporal_values else torch.ones_like(values)  # eq. (5)
-        adv = vgpo_advantages(values, traj.group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
-                              args.adv_clip_max, weights=weights)  # eq. (6)
-    else:
-        values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)  # GRPO credits every step alike
-        adv = grpo_advantages(r[:, -1], traj.group_ids, args.scale_rewards, args.adv_clip_max, args.num_steps)  # eq. (7)
+    values, weights, adv = credit(r, traj.group_ids, args)  # eqs. (4)–(7)
     t3 = time.time()
     # --- learn: clipped policy gradient over the rollout ---
     stats = update(model, traj, adv, optimizer, args, shuffle_gen, guard)  # eqs. (8)–(9)
