@@ -6,6 +6,7 @@ the folders into a Markdown table and PNG plots.
     python experiments.py run                      # the full plan (slow: hours on 2 CPU cores)
     python experiments.py run --epochs 10 --seeds 2 --eval-every 5 --only main   # a smaller budget
     python experiments.py summarise --epochs 10 --seeds 2 --eval-every 5         # tables and plots only
+    python experiments.py snr                      # signal-to-noise of one rollout's policy gradient
 
 Groups (`--only`):
     main         GRPO, VGPO, temporal-values-only (VGPO with --anchor-coef 0) and anchor-only (VGPO with
@@ -31,6 +32,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 import vgpo
 
@@ -293,6 +295,88 @@ def summarise(runs: list[Run], opts) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Gradient signal-to-noise (`python experiments.py snr`): how much one rollout's gradient says
+# ----------------------------------------------------------------------------------------------------
+class _KeepGradient:
+    """Stands in for the optimizer in vgpo.update: adds up the gradient it would have stepped with."""
+
+    def __init__(self, params):
+        self.params, self.grad = params, None
+
+    def step(self):
+        g = torch.cat([p.grad.flatten() for p in self.params])
+        self.grad = g.clone() if self.grad is None else self.grad + g
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def policy_gradients(args: vgpo.Args, batches: int, seed: int = 0, model=None) -> tuple[list, list, float]:
+    """The policy gradient of `batches` independent rollouts of the *same* P prompts, with the model left
+    unchanged: vgpo.rollout → instant_rewards → credit → update, the optimizer replaced by _KeepGradient
+    (no gradient-norm clip, one accumulated gradient per rollout). Returns (gradients, mean terminal
+    rewards, seconds per trajectory). `model`: a vgpo.Model (default: load the base model of `args`)."""
+    model = model or vgpo.load_model(args)
+    train, held_out = vgpo.load_prompts(args)
+    reward_fn = vgpo.make_reward(args, model.device, train + held_out)
+    chosen = vgpo.sample_prompts(train, args.prompts_per_epoch, np.random.default_rng(seed))
+    metadata = [m for _, m in chosen for _ in range(args.num_generations)]
+    n = args.prompts_per_epoch * args.num_generations
+    measure = dataclasses.replace(args, max_grad_norm=float("inf"), gradient_accumulation_steps=-(-n // args.train_batch_size))
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    grads, rewards, t0 = [], [], time.time()
+    for b in range(batches):
+        traj = vgpo.rollout(model, [p for p, _ in chosen], args, generator=torch.Generator(model.device).manual_seed(seed * 1000 + b))
+        r = vgpo.instant_rewards(model, traj, reward_fn, metadata, previews=args.algo == "vgpo" and args.temporal_values)
+        _, _, adv = vgpo.credit(r, traj.group_ids, args)
+        keep = _KeepGradient(params)
+        vgpo.update(model, traj, adv, keep, measure, torch.Generator().manual_seed(b))
+        grads.append(keep.grad)
+        rewards.append(r[:, -1].mean().item())
+    return grads, rewards, (time.time() - t0) / (batches * n)
+
+
+def mean_cosine(grads: list) -> tuple[float, float]:
+    """Mean and standard error of the cosine between every pair of independent gradients."""
+    import itertools
+
+    if any(g.norm() == 0 for g in grads):  # every group uniform: no gradient, and no direction to compare
+        return float("nan"), float("nan")
+    cos = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)]
+    return float(np.mean(cos)), float(np.std(cos) / np.sqrt(len(cos)))
+
+
+def snr_report(opts) -> str:
+    """A Markdown table: for each (reward, algo), the cosine between the gradients of independent rollouts
+    of N trajectories and of `combine`·N, and what it implies per trajectory.
+
+    If g = μ + noise, the noise independent between rollouts, the expected cosine of two gradients of m
+    trajectories each is c = m·s²/(1 + m·s²), s² = |μ|²/(noise variance of one trajectory). So
+    s² = c/(m·(1 − c)), and about 1/s² trajectories give a gradient whose direction is half signal (c = ½).
+    The cosine of the sums of `combine` rollouts checks the model: it should grow about `combine`-fold."""
+    lines = [f"Command: `{opts.cmdline}` (the base model; the same {opts.set.get('prompts_per_epoch', 16)} training "
+             "prompts in every rollout, new noise each time)", "",
+             "| reward | algo | reward mean | cos, N traj. | cos, sums of " + str(opts.combine) + " | s² per traj. | "
+             "traj. for cos ½ | s per traj. |", "|---|---|---|---|---|---|---|---|"]
+    for reward in opts.rewards.split(","):
+        for algo in opts.algos.split(","):
+            args = vgpo.make_args(model="tiny", reward=reward, algo=algo, **opts.set)
+            vgpo.validate(args)
+            grads, rewards, per_traj = policy_gradients(args, opts.batches)
+            n = args.prompts_per_epoch * args.num_generations
+            c, se = mean_cosine(grads)
+            sums = [sum(grads[i : i + opts.combine]) for i in range(0, len(grads) - opts.combine + 1, opts.combine)]
+            c_sum, se_sum = mean_cosine(sums) if len(sums) > 1 else (float("nan"), float("nan"))
+            s2 = c / (n * (1 - c)) if c > 0 else float("nan")
+            need = f"{1 / s2:,.0f}" if c > 2 * se else f"> {n * (1 - c - 2 * se) / max(c + 2 * se, 1e-9):,.0f}"
+            lines.append(f"| {reward} | {algo} | {np.mean(rewards):.3f} | {c:.4f} ± {se:.4f} (N = {n}) | "
+                         f"{c_sum:.4f} ± {se_sum:.4f} | {s2:.2e} | {need} | {per_traj:.3f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
@@ -316,7 +400,8 @@ def parse_set(items) -> dict:
 def main(argv=None) -> int:
     preset = vgpo.make_args(model="tiny")
     p = vgpo._Parser(description=__doc__.split("\n\n")[0])  # a usage mistake is one line and exit code 2
-    p.add_argument("command", choices=["run", "summarise", "summarize"], help="run the missing runs, or only summarise")
+    p.add_argument("command", choices=["run", "summarise", "summarize", "snr"],
+                   help="run the missing runs, only summarise, or measure the policy gradient's signal-to-noise")
     p.add_argument("--only", default="main,depletion,sensitivity", help="comma-separated groups: main, depletion, sensitivity")
     p.add_argument("--epochs", type=int, default=preset.epochs, help=f"epochs per run (default: the preset's {preset.epochs})")
     p.add_argument("--eval-every", type=int, default=preset.eval_every, help=f"(default: the preset's {preset.eval_every})")
@@ -327,6 +412,10 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", default="", help="UTC HH:MM after which no new run starts (the current one finishes)")
     p.add_argument("--runs", default=os.path.join("runs", "experiments"), help="where the run folders go")
     p.add_argument("--results", default="results", help="where experiments.md and the plots go")
+    p.add_argument("--batches", type=int, default=16, help="snr: independent rollouts per setting (default 16)")
+    p.add_argument("--combine", type=int, default=4, help="snr: also compare sums of this many rollouts (default 4)")
+    p.add_argument("--rewards", default="shapes,jpeg_compressibility", help="snr: comma-separated rewards")
+    p.add_argument("--algos", default="grpo,vgpo", help="snr: comma-separated algorithms")
     try:
         opts = p.parse_args(argv)
         only = opts.only.split(",")
@@ -336,6 +425,17 @@ def main(argv=None) -> int:
         if min(opts.epochs, opts.eval_every, opts.seeds, opts.depletion_seeds, opts.sensitivity_seeds) < 1:
             raise vgpo.UsageError("--epochs, --eval-every and the seed counts must be ≥ 1")
         opts.set = parse_set(opts.set)
+        if opts.command == "snr":
+            if opts.batches < 2 or not 1 <= opts.combine <= opts.batches:
+                raise vgpo.UsageError("--batches must be ≥ 2 and --combine between 1 and --batches")
+            opts.cmdline = f"python experiments.py snr --batches {opts.batches} --combine {opts.combine} " \
+                           f"--rewards {opts.rewards} --algos {opts.algos}" + "".join(f" --set {k}={v}" for k, v in opts.set.items())
+            report = snr_report(opts)
+            os.makedirs(opts.results, exist_ok=True)
+            with open(os.path.join(opts.results, "snr.md"), "w") as f:
+                f.write(report + "\n")
+            print(report)
+            return 0
         opts.cmdline = "python experiments.py run " + " ".join(
             [f"--epochs {opts.epochs}", f"--eval-every {opts.eval_every}", f"--seeds {opts.seeds}",
              f"--depletion-seeds {opts.depletion_seeds}", f"--sensitivity-seeds {opts.sensitivity_seeds}",

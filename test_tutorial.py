@@ -134,3 +134,30 @@ def test_experiments_run_summarise_and_skip_finished_runs(tmp_path, capsys):
     assert experiments.main(["run", *argv]) == 0
     assert "2 runs planned, 2 already finished, 0 to run" in capsys.readouterr().out
     assert experiments.main(["summarise", "--only", "nope"]) == 2
+
+
+def test_experiments_snr_keeps_the_update_gradient_without_changing_the_model(tmp_path):
+    """experiments.py snr: a rollout's kept gradient is non-zero, reproduced by the same seed and different for
+    another; the model is not updated; the command writes its table."""
+    import torch
+
+    import experiments
+    import vgpo
+
+    settings = dict(reward="jpeg_compressibility", prompts_per_epoch=2, num_generations=2, num_steps=3,
+                    train_batch_size=2, gradient_accumulation_steps=1)
+    args = vgpo.make_args(model="tiny", **settings)
+    model = vgpo.load_model(args)
+    before = [p.detach().clone() for p in model.transformer.parameters()]
+    grads, rewards, per_traj = experiments.policy_gradients(args, 2, model=model)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.transformer.parameters()))
+    again, _, _ = experiments.policy_gradients(args, 1, model=model)
+    assert torch.equal(grads[0], again[0]) and grads[0].norm() > 0 and per_traj > 0
+    assert grads[0].numel() == sum(p.numel() for p in model.transformer.parameters() if p.requires_grad)
+    cos, _ = experiments.mean_cosine(grads)
+    assert abs(cos) < 0.99  # new noise, new gradient
+    argv = ["snr", "--batches", "2", "--combine", "1", "--rewards", "jpeg_compressibility", "--algos", "grpo",
+            "--results", str(tmp_path), *[f"--set={k}={v}" for k, v in settings.items() if k != "reward"]]
+    assert experiments.main(argv) == 0
+    assert "| jpeg_compressibility | grpo |" in (tmp_path / "snr.md").read_text()
+    assert experiments.main(["snr", "--batches", "1"]) == 2
