@@ -78,6 +78,35 @@ def test_rescored_rollout_has_ratio_one_and_loss_minus_mean_advantage(tiny_model
             assert abs(loss.item() + adv[:, k].mean().item()) < 1e-4 and stats["policy/clip_frac"] == 0
 
 
+def test_sde_steps_makes_later_steps_euler_and_trains_only_the_window(tiny_model):
+    """--sde-steps S: steps S…T−1 of a rollout are plain Euler steps with log-prob 0, and the update trains only
+    steps 0…S−1 (advantages on the later steps change nothing; on the window they do)."""
+    import dataclasses
+
+    model, args = tiny_model
+    args = dataclasses.replace(args, sde_steps=2)
+    traj = vgpo.rollout(model, ["a red circle", "two blue squares"], args, generator=torch.Generator().manual_seed(0))
+    assert (traj.log_probs[:, :2] != 0).all() and (traj.log_probs[:, 2:] == 0).all()
+    cond = model.encode(traj.prompts)
+    with torch.no_grad():
+        for k in (2, 3):
+            v = vgpo.guided_velocity(model.transformer, traj.latents[:, k], traj.sigmas[k], cond, None, 1.0)
+            euler = traj.latents[:, k] + (traj.sigmas[k + 1] - traj.sigmas[k]) * v
+            torch.testing.assert_close(traj.latents[:, k + 1], euler, atol=1e-6, rtol=0)
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    for steps, moves in (((2, 3), False), ((0,), True)):
+        adv = torch.zeros(8, 4)
+        adv[:, list(steps)] = torch.randn(8, len(steps), generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.SGD(params, lr=1.0)
+        vgpo.update(model, traj, adv, opt, args, torch.Generator().manual_seed(0))
+        changed = any(not torch.equal(a, p) for a, p in zip(before, params))
+        with torch.no_grad():
+            for a, p in zip(before, params):
+                p.copy_(a)
+        assert changed == moves, steps
+
+
 def test_clip_stops_the_gradient_only_in_the_direction_of_the_advantage_sign():
     """Outside [1−ε, 1+ε] the gradient is zero where moving further would pay (ρ > 1+ε for Â > 0,
     ρ < 1−ε for Â < 0) and not zero where the unclipped term is the pessimistic one."""
