@@ -334,6 +334,7 @@ BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fr
     ("num_steps", ["--num-steps", "1"], "--num-steps"), ("eval_steps", ["--eval-steps", "0"], "--eval-steps"),
     ("guidance_scale", ["--guidance-scale", "0.5"], "--guidance-scale"),
     ("noise_level", ["--noise-level", "0"], "--noise-level"), ("gamma", ["--gamma", "2"], "--gamma"),
+    ("sde_steps", ["--sde-steps", "-1"], "--sde-steps"),
     ("gamma", ["--gamma", "nan"], "--gamma must be a finite number"),
     ("anchor_coef", ["--anchor-coef", "-1"], "--anchor-coef"), ("anchor_steps", ["--anchor-steps", "-1"], "--anchor-steps"),
     ("temporal_values", ["--temporal-values=yes"], "--temporal-values"),

@@ -277,7 +277,7 @@ def validate(args: Args) -> None:
         (args.eval_steps >= 1, "--eval-steps must be ≥ 1"),
         (args.anchor_steps >= 0, "--anchor-steps must be ≥ 0 (a value ≥ --num-steps anchors every step)"),
         (args.noise_level > 0, "--noise-level must be > 0: the policy needs a stochastic step to have log-probs"),
-        (0 <= args.sde_steps < args.num_steps, "--sde-steps must be in 0…num_steps−1 (0: every step but the last)"),
+        (args.sde_steps >= 0, "--sde-steps must be ≥ 0 (0, or any value ≥ num_steps − 1: every step but the last)"),
         (0 < args.clip_range < 1, f"--clip-range must be in (0, 1), got {args.clip_range}"),
         (args.beta >= 0 and args.anchor_coef >= 0, "--beta and --anchor-coef must be ≥ 0"),
         (args.guidance_scale >= 1, "--guidance-scale must be ≥ 1 (1 = no classifier-free guidance)"),
@@ -571,6 +571,12 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # silent when not a TTY
 
 
+def sde_window(num_steps: int, sde_steps: int) -> int:
+    """S, the number of SDE (and trained) steps 0…S−1 of a rollout: `sde_steps` capped at T − 1, and 0 means
+    T − 1 (every step but the last, which is always a plain Euler step to σ_T = 0)."""
+    return min(sde_steps, num_steps - 1) if sde_steps else num_steps - 1
+
+
 @torch.no_grad()
 def sample(model: Model, prompts: list[str], num_steps: int, noise_level: float, guidance_scale: float,
            batch_size: int, generator=None, noise=None, record: bool = True, desc: str = "rollout",
@@ -581,7 +587,7 @@ def sample(model: Model, prompts: list[str], num_steps: int, noise_level: float,
     # Micro-batches of the training size: SD3 outputs depend slightly on the batch size, and a rollout
     # scored at another size than it is re-scored at shows up as ratio ≠ 1 before any update.
     n, (c, h, w), T = len(prompts), model.latent_shape, num_steps
-    stochastic = sde_steps or T - 1  # the last step (to σ_T = 0) is always a plain Euler step
+    stochastic = sde_window(T, sde_steps)  # the last step (to σ_T = 0) is always a plain Euler step
     sigmas = model.sigmas(T)  # (T+1,)
     if noise is None:  # x_0 ~ N(0, I): σ_0 = 1 is pure noise
         noise = torch.randn((n, c, h, w), generator=generator, device=model.device)
@@ -792,7 +798,7 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
     # time, which is what lets SD3.5 train on one GPU. The transformer stays in eval mode: it has no
     # dropout, and eval mode keeps the re-scored log-probs identical to the rollout's (ratio = 1).
     n, T = traj.log_probs.shape
-    trained, accum = args.sde_steps or T - 1, args.gradient_accumulation_steps  # the SDE steps, 0…trained−1
+    trained, accum = sde_window(T, args.sde_steps), args.gradient_accumulation_steps  # the SDE steps 0…trained−1
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     # shuffle so that a micro-batch mixes prompts (its own generator: the rollout noise stays independent)
     perm = torch.randperm(n, generator=generator).to(model.device)
@@ -1095,7 +1101,7 @@ def print_startup_box(args: Args, model: Model, params, out_dir: str) -> None:
     lines = [
         f"VGPO reference run: --algo {args.algo}, --model {args.model}, --reward {args.reward}, device {model.device}",
         f"N = P·G = {args.prompts_per_epoch}·{args.num_generations} = {n} trajectories per epoch, T = {args.num_steps} steps "
-        f"({args.sde_steps or args.num_steps - 1} SDE steps, trained), guidance g = {args.guidance_scale}",
+        f"({sde_window(args.num_steps, args.sde_steps)} SDE steps, trained), guidance g = {args.guidance_scale}",
         f"{micro} micro-batches of {args.train_batch_size}, {micro // args.gradient_accumulation_steps} optimizer steps "
         f"per epoch, {args.epochs} epochs",
         f"trainable parameters {sum(p.numel() for p in params) / 1e6:.2f} M, lr {args.learning_rate}, "
