@@ -67,9 +67,10 @@ t_start = time.time()
 
 args = vgpo.make_args(model="tiny")  # the toy preset: whatever PRESETS["tiny"] says today
 model = vgpo.load_model(args)
-reward_fn = vgpo.make_reward(args, model.device)  # the 'shapes' reward: ½ partial credit + ½ strict 0/1
+reward_fn = vgpo.make_reward(args, model.device)  # the preset's reward: 'shapes_strict', GenEval's strict 0/1 score
 T = args.num_steps
-print(f"mode: {'quick' if QUICK else 'full'}; T = {T} steps, G = {args.num_generations}, noise level a = {args.noise_level}, "
+print(f"mode: {'quick' if QUICK else 'full'}; T = {T} steps (rollouts: SDE for the first {args.sde_steps or T - 1}), "
+      f"G = {args.num_generations}, noise level a = {args.noise_level}, "
       f"γ = {args.gamma}, κ = {args.anchor_coef} on the first {args.anchor_steps} steps")
 
 def strip(rows, row_labels=(), titles=(), size=1.1):
