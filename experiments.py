@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import os
 import shutil
@@ -339,8 +340,6 @@ def policy_gradients(args: vgpo.Args, batches: int, seed: int = 0, model=None) -
 
 def mean_cosine(grads: list) -> tuple[float, float]:
     """Mean and standard error of the cosine between every pair of independent gradients."""
-    import itertools
-
     if any(g.norm() == 0 for g in grads):  # every group uniform: no gradient, and no direction to compare
         return float("nan"), float("nan")
     cos = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in itertools.combinations(grads, 2)]
