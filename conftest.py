@@ -1,17 +1,16 @@
-"""pytest hook for the tutorial's lab exercises (tutorial.ipynb, section 7).
+"""pytest hook for the tutorial's lab exercises (tutorial.ipynb, section 7, which lists them).
 
     VGPO_SOLUTIONS=my_solutions.py python -m pytest -q -k advantage
 
-puts the functions defined in my_solutions.py (under vgpo's names, or with a `my_` prefix) in place of
-vgpo's for that pytest run, so the repository's tests check your re-implementation. Without the variable
-nothing changes."""
+puts the functions defined in my_solutions.py under one of vgpo's function names (or that name with a `my_`
+prefix) in place of vgpo's for that pytest run, so the repository's tests check your re-implementation.
+Without the variable nothing changes. (At the repository root, this file also puts the root on sys.path
+for the tests in tests/.)"""
 import importlib.util
+import inspect
 import os
 
 import pytest
-
-EXERCISES = ("temporal_values", "step_weights", "vgpo_advantages", "grpo_advantages", "sde_step_with_logprob",
-             "policy_loss")
 
 
 def pytest_configure(config):
@@ -25,10 +24,17 @@ def pytest_configure(config):
     spec.loader.exec_module(module)
     import vgpo
 
-    found = {name: getattr(module, name, None) or getattr(module, "my_" + name, None) for name in EXERCISES}
-    found = {k: v for k, v in found.items() if callable(v)}
+    # only what the file itself defines: a name it imported (e.g. `from vgpo import update`) is vgpo's own
+    own = {name: fn for name, fn in vars(module).items()
+           if inspect.isfunction(fn) and fn.__module__ == module.__name__}
+    found = {}
+    for name, fn in sorted(own.items(), key=lambda item: not item[0].startswith("my_")):  # NAME beats my_NAME
+        target = name[3:] if name.startswith("my_") else name
+        if inspect.isfunction(getattr(vgpo, target, None)) and getattr(vgpo, target).__module__ == "vgpo":
+            found[target] = fn
     if not found:
-        raise pytest.UsageError(f"VGPO_SOLUTIONS={path} defines none of {', '.join(EXERCISES)} (or my_<name>)")
+        raise pytest.UsageError(f"VGPO_SOLUTIONS={path} defines no function named as one of vgpo's (e.g. "
+                                "vgpo_advantages or my_vgpo_advantages)")
     for name, fn in found.items():
         setattr(vgpo, name, fn)
     config.vgpo_solutions = sorted(found)

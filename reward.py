@@ -8,7 +8,7 @@ Every reward is built by a factory in `REWARDS` and called as
         metadata list of N dicts (the prompt file's extra fields; may be empty)
         rewards  (N,) float tensor on the CPU, non-negative and roughly in [0, 1]
 
-VGPO's step weights and anchored advantage assume that scale (SPEC §2), so every reward is scaled to
+VGPO's step weights and anchored advantage assume that scale, so every reward is scaled to
 it here, once. A reward may also carry `fn.metrics(images, prompts, metadata) -> dict` for evaluation
 (the shapes world reports GenEval's strict accuracy per category) and `fn.check_prompts(pairs)`, which
 rejects prompts it cannot score before a run starts. Heavy models are imported inside their factory,
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 
-class RewardError(Exception):
+class RewardUnavailable(Exception):
     """A reward that cannot run as asked: a bad --reward spec, absent model weights, a missing package, or
     prompts it cannot score. vgpo.py prints the message as one line and exits with code 2."""
 
@@ -83,7 +83,7 @@ def shapes_reward(device="cpu", strict_weight: float = 0.5):
         try:
             metas_of([p for p, _ in pairs], [m for _, m in pairs])
         except ValueError as e:
-            raise RewardError(f"the shapes reward scores only prompts of the shapes world: {e}") from None
+            raise RewardUnavailable(f"the shapes reward scores only prompts of the shapes world: {e}") from None
 
     fn.metrics, fn.check_prompts = metrics, check_prompts
     return fn
@@ -153,7 +153,7 @@ def ocr(device="cpu", workers: int | None = None):
     try:
         from rapidocr_onnxruntime import RapidOCR
     except ImportError:
-        raise RewardError("reward 'ocr' needs rapidocr-onnxruntime: pip install -r requirements.txt") from None
+        raise RewardUnavailable("reward 'ocr' needs rapidocr-onnxruntime: pip install -r requirements.txt") from None
     pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), thread_name_prefix="ocr")
     local = threading.local()  # an engine keeps per-call state, so every worker thread gets its own
 
@@ -171,8 +171,9 @@ def ocr(device="cpu", workers: int | None = None):
         out = [ocr_target(p, m) for p, m in zip(prompts, metadata)]
         bad = [p for p, t in zip(prompts, out) if not t or not t.strip()]
         if bad:
-            raise RewardError(f"reward 'ocr' scores the quoted text of each prompt and {len(bad)} prompt(s) have "
-                              f"none (e.g. {bad[0]!r}): use --prompts ocr or prompts like 'A sign that says \"OPEN\"'")
+            raise RewardUnavailable(f"reward 'ocr' scores the quoted text of each prompt and {len(bad)} prompt(s) "
+                                    f"have none (e.g. {bad[0]!r}): use --prompts ocr or prompts like "
+                                    "'A sign that says \"OPEN\"'")
         return out
 
     def read_all(images) -> list[str]:
@@ -207,7 +208,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise RewardError("the CLIP-based rewards need transformers: pip install -r requirements.txt") from None
+        raise RewardUnavailable("the CLIP-based rewards need transformers: pip install -r requirements.txt") from None
     return transformers
 
 
@@ -249,7 +250,7 @@ def _quiet_hub():
 
 def _pretrained(cls, source, reward: str):
     """`source` itself if it is already a model/processor object, else `cls.from_pretrained(source)` from
-    a local folder, the hub cache or, failing both, a download. Absent weights → RewardError, one line."""
+    a local folder, the hub cache or, failing both, a download. Absent weights → RewardUnavailable, one line."""
     if not isinstance(source, (str, os.PathLike)):
         return source
     source = os.fspath(source)
@@ -258,18 +259,18 @@ def _pretrained(cls, source, reward: str):
     except OSError:
         pass
     if os.path.isdir(source):
-        raise RewardError(f"reward {reward!r}: folder {source!r} holds no loadable {cls.__name__} "
-                          "(save one there with save_pretrained, or download the model into it)")
+        raise RewardUnavailable(f"reward {reward!r}: folder {source!r} holds no loadable {cls.__name__} "
+                                "(save one there with save_pretrained, or download the model into it)")
     if not _hub_offline() and _hub_reachable():
         try:
             with _quiet_hub():
                 return cls.from_pretrained(source)
         except OSError:
             pass
-    raise RewardError(f"reward {reward!r} needs {source} from the Hugging Face hub, which is neither in the local "
-                      f"cache nor downloadable here: run `hf download {source}` where the hub is reachable "
-                      f"(`hf auth login` first if it asks), give a local copy as --reward {reward}@DIR, or choose "
-                      "another reward (ocr and jpeg_compressibility need no download)")
+    raise RewardUnavailable(f"reward {reward!r} needs {source} from the Hugging Face hub, which is neither in the "
+                            f"local cache nor downloadable here: run `hf download {source}` where the hub is reachable "
+                            f"(`hf auth login` first if it asks), give a local copy as --reward {reward}@DIR, or "
+                            "choose another reward (ocr and jpeg_compressibility need no download)")
 
 
 def _has_processor(folder) -> bool:
@@ -326,8 +327,8 @@ def pickscore(device="cpu", local_dir=None, *, model=None, processor=None, dtype
     processor (else PICKSCORE_PROCESSOR's is used)."""
     tf = _transformers()
     model = _pretrained(tf.CLIPModel, model or local_dir or PICKSCORE_MODEL, "pickscore")
-    processor = _pretrained(tf.AutoProcessor, processor or (local_dir if _has_processor(local_dir) else PICKSCORE_PROCESSOR),
-                            "pickscore")
+    processor = _pretrained(tf.AutoProcessor,
+                            processor or (local_dir if _has_processor(local_dir) else PICKSCORE_PROCESSOR), "pickscore")
     dtype = dtype or _default_dtype(device)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     scale = model.logit_scale.float().exp()  # stored as a log: exp gives the multiplier, ≈ 100 for CLIP-H
@@ -338,12 +339,14 @@ def pickscore(device="cpu", local_dir=None, *, model=None, processor=None, dtype
     def fn(images, prompts, metadata):
         new = sorted(set(prompts) - text_cache.keys())
         if new:
-            tok = processor.tokenizer(new, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
+            tok = processor.tokenizer(new, padding=True, truncation=True, max_length=max_len,
+                                      return_tensors="pt").to(device)
             out = model.text_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
             text_cache.update(zip(new, F.normalize(model.text_projection(out).float(), dim=-1)))
         scores = []
         for s in range(0, len(images), batch_size):  # bounded memory whatever the caller's batch
-            img = F.normalize(_image_embeds(model, clip_pixels(images[s : s + batch_size], processor, device, dtype)), dim=-1)
+            pixels = clip_pixels(images[s : s + batch_size], processor, device, dtype)
+            img = F.normalize(_image_embeds(model, pixels), dim=-1)
             txt = torch.stack([text_cache[p] for p in prompts[s : s + batch_size]])
             scores.append(scale * (img * txt).sum(-1))
         # ≥ 0: ω = Q/mean(Q) needs non-negative rewards (a real PickScore is far above 0 anyway)
@@ -387,10 +390,11 @@ def _aesthetic_head(source, local_dir) -> AestheticHead:
             state = torch.hub.load_state_dict_from_url(AESTHETIC_HEAD_URL, map_location="cpu", weights_only=True,
                                                        file_name=AESTHETIC_HEAD_FILES[1], progress=False)
         except OSError:
-            raise RewardError(f"reward 'aesthetic' needs LAION's head {AESTHETIC_HEAD_FILES[1]}, neither cached nor "
-                              f"downloadable here: download {AESTHETIC_HEAD_URL} into "
-                              f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or put it in a folder with a CLIP "
-                              "ViT-L/14 copy and use --reward aesthetic@DIR, or choose another reward") from None
+            raise RewardUnavailable(f"reward 'aesthetic' needs LAION's head {AESTHETIC_HEAD_FILES[1]}, neither cached "
+                                    f"nor downloadable here: download {AESTHETIC_HEAD_URL} into "
+                                    f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or put it in a folder with a "
+                                    "CLIP ViT-L/14 copy and use --reward aesthetic@DIR, or choose another "
+                                    "reward") from None
     elif str(source).endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -419,15 +423,16 @@ def aesthetic(device="cpu", local_dir=None, *, clip=None, processor=None, head=N
         # (a CLIPModel rather than CLIPVisionModelWithProjection: that class, loaded from a CLIPModel folder,
         # misses the top-level projection_dim and re-initialises the projection; seen with transformers 5.24)
         clip.text_model, clip.text_projection = torch.nn.Identity(), torch.nn.Identity()
-    processor = _pretrained(tf.AutoImageProcessor, processor or (local_dir if _has_processor(local_dir) else AESTHETIC_CLIP),
-                            "aesthetic")
+    processor = _pretrained(tf.AutoImageProcessor,
+                            processor or (local_dir if _has_processor(local_dir) else AESTHETIC_CLIP), "aesthetic")
     dtype = dtype or _default_dtype(device)
     clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
     def fn(images, prompts, metadata):
-        ratings = [mlp(F.normalize(_image_embeds(clip, clip_pixels(images[s : s + batch_size], processor, device, dtype)),
-                                   dim=-1)) for s in range(0, len(images), batch_size)]
+        ratings = [mlp(F.normalize(_image_embeds(clip, clip_pixels(images[s : s + batch_size], processor, device,
+                                                                   dtype)), dim=-1))
+                   for s in range(0, len(images), batch_size)]
         return (torch.cat(ratings) / 10).clamp(min=0).cpu()  # ≥ 0 as every reward (real ratings are ≥ 1)
 
     return fn
@@ -453,7 +458,7 @@ _SPEC_HELP = "write NAME, NAME@DIR or a weighted sum NAME=WEIGHT,NAME=WEIGHT (e.
 def parse_reward_spec(spec: str) -> list[tuple[str, str | None, float]]:
     """'pickscore@DIR=1,aesthetic=0.5' → [('pickscore', 'DIR', 1.0), ('aesthetic', None, 0.5)].
     Terms are separated by commas, a weight follows the last '=', a folder the first '@' (so a folder name
-    may hold neither a comma nor '='). A bad spec raises RewardError with one line saying what to write."""
+    may hold neither a comma nor '='). A bad spec raises RewardUnavailable with one line saying what to write."""
     terms = []
     for item in spec.split(","):
         item = item.strip()
@@ -461,21 +466,25 @@ def parse_reward_spec(spec: str) -> list[tuple[str, str | None, float]]:
         name, _, folder = head.partition("@")
         name = name.strip()
         if name not in REWARDS:
-            raise RewardError(f"unknown reward {name!r} in {spec!r}: choose from {', '.join(REWARDS)}; {_SPEC_HELP}")
+            raise RewardUnavailable(f"unknown reward {name!r} in {spec!r}: choose from {', '.join(REWARDS)}; "
+                                    f"{_SPEC_HELP}")
         try:
             w = float(weight)
         except ValueError:
             w = math.nan
         if not (math.isfinite(w) and w > 0):
-            raise RewardError(f"the weight of {name!r} must be a number > 0, got {weight.strip()!r}: {_SPEC_HELP}")
+            raise RewardUnavailable(f"the weight of {name!r} must be a number > 0, got {weight.strip()!r}: "
+                                    f"{_SPEC_HELP}")
         if any(t[0] == name for t in terms):
-            raise RewardError(f"reward {name!r} appears twice in {spec!r}: give each reward once")
+            raise RewardUnavailable(f"reward {name!r} appears twice in {spec!r}: give each reward once")
         if "@" in head:
             if "local_dir" not in inspect.signature(REWARDS[name]).parameters:
                 takes = [n for n, f in REWARDS.items() if "local_dir" in inspect.signature(f).parameters]
-                raise RewardError(f"reward {name!r} has no model to load from a folder (@DIR works for {', '.join(takes)})")
+                raise RewardUnavailable(f"reward {name!r} has no model to load from a folder (@DIR works for "
+                                        f"{', '.join(takes)})")
             if not os.path.isdir(folder):
-                raise RewardError(f"{name}@{folder}: no such folder (give the folder that holds the {name} model)")
+                raise RewardUnavailable(f"{name}@{folder}: no such folder (give the folder that holds the {name} "
+                                        "model)")
         terms.append((name, folder or None, w))
     return terms
 

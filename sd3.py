@@ -1,7 +1,7 @@
 """SD3-family models for vgpo.py: loading, LoRA, the prompt cache, decoders and the LoRA export.
 
-Plumbing, not the algorithm: `vgpo.load_model` calls `load` here for every `--model` other than `tiny`
-and wraps what it returns in a `vgpo.Model`. The algorithm sees the same five things it sees on the
+Plumbing, not the algorithm: `harness.load_model` calls `load` here for every `--model` other than `tiny`
+and wraps what it returns in a `harness.Model`. The algorithm sees the same five things it sees on the
 toy model (a transformer v_θ, a reference v_ref, a cached prompt encoder, a decoder, the sigmas).
 
     --model sd3.5            stabilityai/stable-diffusion-3.5-medium (gated: accept the licence, `hf auth login`)
@@ -16,8 +16,8 @@ CPU, where bf16 matmuls are slow and the tests compare against the stock pipelin
 weights are fp32 (AdamW on bf16 weights would round most updates of size lr·1e-3 away), and latents,
 the SDE step and its log-probability stay fp32 in vgpo.py.
 
-This module must not import vgpo (vgpo.py runs as __main__, and a second copy of it would have its own
-UsageError class); it raises `ModelUnavailable`, which vgpo turns into its one-line usage error.
+It imports nothing of the project (vgpo → harness → sd3); it raises `ModelUnavailable`, which the harness
+turns into its one-line usage error.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def _unavailable(args, err: Exception) -> ModelUnavailable:
 
 
 def load(args, device: str, prompts: list[str]) -> dict:
-    """Everything vgpo.Model needs for an SD3-family model. `prompts` are encoded now, with "" (the
+    """Everything harness.Model needs for an SD3-family model. `prompts` are encoded now, with "" (the
     negative prompt), so the text encoders can leave the GPU before the transformer arrives."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
@@ -160,7 +160,7 @@ def load(args, device: str, prompts: list[str]) -> dict:
     if args.resolution % multiple:
         raise ModelUnavailable(f"--resolution {args.resolution} must be a multiple of {multiple} for {args.model}")
     add_lora(transformer, args.lora_rank, args.lora_alpha)
-    if args.gradient_checkpointing:  # recompute each block's activations in backward: ~3× less memory
+    if args.gradient_checkpointing:  # recompute each block's activations in backward: far less memory
         transformer.enable_gradient_checkpointing()
     # --low-memory decodes one image at a time; otherwise a micro-batch at a time
     batch = 1 if args.low_memory else args.train_batch_size
@@ -209,7 +209,8 @@ def add_lora(transformer, rank: int, alpha: float) -> None:
 
     transformer.requires_grad_(False)
     # Gaussian A and zero B: the adapter starts as the identity, so epoch 0 is the base model
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS))
     for name, p in transformer.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()  # fp32 master weights (and AdamW states) even on a bf16 base
@@ -310,12 +311,14 @@ def cached_prompt_encoder(source: str, prompts: list[str], max_sequence_length: 
 def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, dtype, store: str):
     """--random-weights: no text encoders; each prompt gets fixed random embeddings of the real shapes,
     seeded by the prompt's text, so a prompt means the same thing in every call and every run."""
-    seq_len, dim, pooled_dim = CLIP_TOKENS + max_sequence_length, config["joint_attention_dim"], config["pooled_projection_dim"]
+    seq_len = CLIP_TOKENS + max_sequence_length
+    dim, pooled_dim = config["joint_attention_dim"], config["pooled_projection_dim"]
 
     def fill(batch):
         pairs = []
         for prompt in batch:
-            g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") >> 1)
+            seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") >> 1
+            g = torch.Generator().manual_seed(seed)
             pairs.append((torch.randn(seq_len, dim, generator=g), torch.randn(pooled_dim, generator=g)))
         return [s.to(dtype) for s, _ in pairs], [q.to(dtype) for _, q in pairs]
 
@@ -367,7 +370,8 @@ def save_tiny_random_pipeline(folder: str, seed: int = 0, layers: int = 2, heads
     CLIP text encoders and a T5 with tokenizers made here (character-level), an MMDiT-X transformer
     (block 0 has the second attention, as SD3.5-M's), a 2-level VAE (4 latent channels, 2 px per
     latent cell), and SD3.5's scheduler (shift 3.0). 64×32-px images are 256 image tokens."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
                               T5TokenizerFast)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -378,7 +382,8 @@ def save_tiny_random_pipeline(folder: str, seed: int = 0, layers: int = 2, heads
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     # T5: a Unigram model over single characters
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'\"!?-"]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'\"!?-"]
     t5_tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=64)
     # the wiring rules: pooled = 2 × CLIP projection, T5 width = joint_attention_dim ≥ 2 × CLIP width
     clip = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -387,7 +392,8 @@ def save_tiny_random_pipeline(folder: str, seed: int = 0, layers: int = 2, heads
     t5 = T5Config(vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
     transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
                                         attention_head_dim=8, num_attention_heads=heads, joint_attention_dim=32,
-                                        caption_projection_dim=8 * heads, pooled_projection_dim=16, pos_embed_max_size=32,
+                                        caption_projection_dim=8 * heads, pooled_projection_dim=16,
+                                        pos_embed_max_size=32,
                                         dual_attention_layers=(0,), qk_norm="rms_norm")
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,

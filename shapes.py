@@ -56,7 +56,8 @@ def _obj(shape, color=None, count=1):
 
 def _name(o):
     """'a red circle', 'three circles', 'a square'."""
-    words = [NUMBERS[o["count"]]] + ([o["color"]] if o["color"] else []) + [o["shape"] + ("s" if o["count"] > 1 else "")]
+    plural = "s" if o["count"] > 1 else ""
+    words = [NUMBERS[o["count"]]] + ([o["color"]] if o["color"] else []) + [o["shape"] + plural]
     return " ".join(words)
 
 
@@ -290,7 +291,8 @@ TRANSFORMER_CONFIG = dict(
     # width 6 × 32 = 192 = 8·8·3, the size of one patch: at high noise the velocity is mostly the noise
     # itself, which a narrower model cannot pass through its patch embedding (loss stalled at ~0.45)
     num_layers=3, attention_head_dim=32, num_attention_heads=6,
-    joint_attention_dim=128, caption_projection_dim=192, pooled_projection_dim=128, pos_embed_max_size=IMAGE_SIZE // CELL,
+    joint_attention_dim=128, caption_projection_dim=192, pooled_projection_dim=128,
+    pos_embed_max_size=IMAGE_SIZE // CELL,
     qk_norm="rms_norm",  # as SD3.5: keeps attention logits bounded at lr 1e-3
 )
 
@@ -425,22 +427,105 @@ def _save_ema(transformer, encoder, ema, params, path, **info):
         for v, p in zip(live, params):
             p.copy_(v)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(state, path + ".tmp", metadata={k: str(v) for k, v in info.items()} | {"config": json.dumps(TRANSFORMER_CONFIG)})
+    metadata = {k: str(v) for k, v in info.items()} | {"config": json.dumps(TRANSFORMER_CONFIG)}
+    save_file(state, path + ".tmp", metadata=metadata)
     os.replace(path + ".tmp", path)
 
 
 def _report(path) -> dict:
-    """Held-out strict accuracy of a checkpoint, by category (vgpo.evaluate: the RL run's own metric)."""
-    import vgpo
-
-    args = vgpo.make_args(model="tiny")
+    """Held-out strict accuracy of a checkpoint, by category: what an RL run starting from it logs at epoch 0."""
     with torch.random.fork_rng():  # building the model draws initial weights: keep the training RNG untouched
-        metrics = vgpo.evaluate(vgpo.load_model(args, checkpoint=path), args)
+        metrics = held_out_accuracy(path)
     print("base model, held-out prompts, strict accuracy by category:")
     for cat in CATEGORIES:
-        print(f"  {cat:14s} {metrics[f'eval/strict/{cat}']:.3f}")
-    print(f"  {'overall':14s} {metrics['eval/strict_accuracy']:.3f}  (mean over categories, as GenEval)", flush=True)
+        print(f"  {cat:14s} {metrics[f'strict/{cat}']:.3f}")
+    print(f"  {'overall':14s} {metrics['strict_accuracy']:.3f}  (mean over categories, as GenEval)", flush=True)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tiny model as a policy (what vgpo's harness loads) and its held-out accuracy
+# ----------------------------------------------------------------------------------------------------
+EVAL_SEED = 1234  # vgpo.EVAL_SEED, so that the report above prints an RL run's epoch-0 numbers (tested)
+
+
+def load(path: str = CHECKPOINT, device="cpu") -> dict:
+    """The tiny model as harness.Model takes it: transformer, encode (cached), decode, scheduler, latent_shape
+    and encoded (the prompt batches encoded, in order). The transformer is trained whole; the prompt encoder
+    is frozen, as SD3's text encoders are, so the policy is the same kind of object on both models."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    transformer, encoder = load_pretrained(path, device)
+    encoder.requires_grad_(False)
+    # SD3's last block only reads the prompt stream (context_pre_only): its prompt-query projection
+    # never reaches the output, so it gets no gradient. Freezing it keeps "trainable" honest.
+    last = transformer.transformer_blocks[-1].attn
+    for unused in (last.add_q_proj, last.norm_added_q):
+        unused.requires_grad_(False)
+    # prompt → (sequence, pooled) embeddings; the negative prompt "" is encoded once like any other
+    cache: dict[str, tuple] = {}
+    encoded: list[list[str]] = []
+
+    @torch.no_grad()
+    def encode(prompts: list[str]):
+        """Prompts are encoded once and cached: the prompt encoder is frozen during RL."""
+        missing = sorted({p for p in prompts if p not in cache})
+        if missing:
+            encoded.append(missing)
+            seq, pooled = encoder(missing)
+            cache.update({p: (s, q) for p, s, q in zip(missing, seq, pooled)})
+        return torch.stack([cache[p][0] for p in prompts]), torch.stack([cache[p][1] for p in prompts])
+
+    # no resolution shift at 32×32 (SD3.5 uses 3.0 at 512 px to spend more steps at high noise)
+    return dict(transformer=transformer, encode=encode, decode=decode,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                latent_shape=(3, IMAGE_SIZE, IMAGE_SIZE), encoded=encoded)
+
+
+def decode(x: torch.Tensor) -> torch.Tensor:
+    """Pixel space: the "latent" (B, 3, 32, 32) is the image in [-1, 1], so decoding is a rescale to [0, 1]."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def held_out_accuracy(path: str = CHECKPOINT, steps: int = 40, batch_size: int = 128, seed: int = EVAL_SEED,
+                      prompts: list[str] | None = None) -> dict:
+    """{'strict_accuracy': mean over categories (as GenEval), 'strict/<category>': …} of a checkpoint on
+    `prompts` (default: eval_prompt_list()). Euler ODE sampling without guidance from noise drawn with `seed`,
+    in micro-batches of `batch_size`: vgpo.evaluate's sampler with the toy preset, written out here so that
+    this file needs no vgpo (a test checks that both give the same numbers)."""
+    m = load(path)
+    prompts = prompts or eval_prompt_list()
+    m["scheduler"].set_timesteps(steps)
+    sigmas = m["scheduler"].sigmas.float()  # σ_0 = 1 > … > σ_T = 0
+    noise = torch.randn((len(prompts), *m["latent_shape"]), generator=torch.Generator().manual_seed(seed))
+    images = []
+    for s in range(0, len(prompts), batch_size):
+        x = noise[s : s + batch_size].float()
+        seq, pooled = m["encode"](prompts[s : s + batch_size])
+        for k in range(steps):  # x ← x + v·(σ_{k+1} − σ_k), time running from noise to data
+            v = m["transformer"](x, encoder_hidden_states=seq, pooled_projections=pooled,
+                                 timestep=(sigmas[k] * 1000).expand(x.shape[0]), return_dict=False)[0].float()
+            x = x + (sigmas[k + 1] - sigmas[k]) * v
+        images.append(decode(x))
+    _, strict = verify(torch.cat(images), [METADATA[p] for p in prompts])
+    cats = np.array([METADATA[p]["category"] for p in prompts])
+    per_cat = {c: float(strict[cats == c].mean()) for c in CATEGORIES if (cats == c).any()}
+    return {"strict_accuracy": float(np.mean(list(per_cat.values()))),  # GenEval: the mean over categories
+            **{f"strict/{c}": v for c, v in per_cat.items()}}
+
+
+def check_vocabulary(prompts: list[str]) -> None:
+    """ValueError unless every prompt uses only the grammar's words and fits the encoder's MAX_TOKENS."""
+    unknown = sorted({w for p in prompts for w in p.split() if w not in VOCAB[2:]})
+    if unknown or max(len(p.split()) for p in prompts) >= MAX_TOKENS:
+        raise ValueError(f"the tiny model knows only the shapes world's words, at most {MAX_TOKENS - 1} per prompt "
+                         f"(unknown: {', '.join(unknown[:8]) or 'none'})")
+
+
+def prompt_weights(prompts: list[str]) -> np.ndarray | None:
+    """sampling_weights(prompts) when every prompt is of the grammar; None (uniform) for any other prompts."""
+    return sampling_weights(prompts) if all(p in METADATA for p in prompts) else None
 
 
 def main(argv=None):

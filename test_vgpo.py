@@ -1,4 +1,5 @@
-"""Tests: each one checks a claim made in vgpo.py, shapes.py or the README. Run: pytest -q"""
+"""Tests of the method: each one checks a claim made in vgpo.py, shapes.py or the README. Run: python -m pytest -q
+(the plumbing, rewards, SD3 path, tutorial and layout are tested in tests/)."""
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ---------------------------------------------------------------------------------------------------
-# eq. (2): the SDE step
+# Flow-GRPO's SDE step
 # ---------------------------------------------------------------------------------------------------
 def test_sde_logprob_matches_independent_normal():
     """The step's mean (Flow-GRPO's factored form), std and log-prob agree with torch.distributions.Normal."""
@@ -52,7 +53,7 @@ def test_noise_level_zero_is_the_euler_step():
 
 
 # ---------------------------------------------------------------------------------------------------
-# eq. (8): ratio and clip
+# Flow-GRPO's loss: ratio and clip
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model():
@@ -65,7 +66,8 @@ def test_rescored_rollout_has_ratio_one_and_loss_minus_mean_advantage(tiny_model
     """Re-scoring a rollout with unchanged weights gives ratio 1 at every trained step and loss = −mean(Â)."""
     model, args = tiny_model
     traj = vgpo.rollout(model, ["a red circle", "two blue squares"], args, generator=torch.Generator().manual_seed(0))
-    assert traj.latents.shape == (8, 5, 3, 32, 32) and traj.log_probs.shape == (8, 4) and traj.x0_preds.shape == (8, 4, 3, 32, 32)
+    assert traj.latents.shape == (8, 5, 3, 32, 32) and traj.log_probs.shape == (8, 4)
+    assert traj.x0_preds.shape == (8, 4, 3, 32, 32)
     adv = torch.randn(8, 4)
     cond = model.encode(traj.prompts)
     with torch.no_grad():
@@ -128,7 +130,7 @@ def test_kl_term_is_added_with_beta():
 
 
 # ---------------------------------------------------------------------------------------------------
-# eqs. (4)–(7): values, weights, advantages
+# Paper Eqs. 10–13: values, weights, advantages; GRPO's advantage
 # ---------------------------------------------------------------------------------------------------
 def test_temporal_values_and_step_weights_by_hand():
     """Q_k = r_k + γ·Q_{k+1} and ω = Q/mean(Q) on a hand-computed example; ω = 1 for a zero trajectory."""
@@ -174,7 +176,8 @@ def test_grpo_scaling_modes():
     """'group' divides by the group's std, 'batch' by the batch's, 'none' only centres."""
     rewards = torch.tensor([0.0, 1.0, 0.5, 0.5])
     groups = torch.tensor([0, 0, 1, 1])
-    torch.testing.assert_close(vgpo.grpo_advantages(rewards, groups, "none", 5.0, 2)[:, 0], torch.tensor([-0.5, 0.5, 0, 0]))
+    torch.testing.assert_close(vgpo.grpo_advantages(rewards, groups, "none", 5.0, 2)[:, 0],
+                               torch.tensor([-0.5, 0.5, 0, 0]))
     torch.testing.assert_close(vgpo.grpo_advantages(rewards, groups, "group", 5.0, 2)[:, 0],
                                torch.tensor([-0.5, 0.5, 0, 0]) / (0.5 + 1e-4))
     torch.testing.assert_close(vgpo.grpo_advantages(rewards, groups, "batch", 5.0, 2)[:, 0],
@@ -227,7 +230,8 @@ def test_prompt_split_holds_out_combinations_and_balances_categories():
     assert {w for p in shapes.TRAIN_PROMPTS for w in p.split()} == set(shapes.VOCAB[2:])
     w = shapes.sampling_weights(shapes.TRAIN_PROMPTS)
     for c in shapes.CATEGORIES:
-        assert abs(sum(wi for wi, p in zip(w, shapes.TRAIN_PROMPTS) if shapes.METADATA[p]["category"] == c) - 1 / 6) < 1e-9
+        share = sum(wi for wi, p in zip(w, shapes.TRAIN_PROMPTS) if shapes.METADATA[p]["category"] == c)
+        assert abs(share - 1 / 6) < 1e-9
     ev = shapes.eval_prompt_list()
     assert len(ev) >= 600 and min(ev.count(p) for p in set(ev)) >= 6
 
@@ -241,6 +245,24 @@ def test_pretraining_is_seeded_and_snapshots_do_not_change_it(tmp_path):
     shapes.pretrain(steps=3, batch_size=4, out=str(tmp_path / "b.safetensors"), evaluate=True, snapshots={1})
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_pretraining_report_scores_as_vgpo_evaluates():
+    """shapes.held_out_accuracy (the pretraining report's own sampler: shapes.py cannot import vgpo) gives exactly
+    the strict accuracies vgpo.evaluate gives the same model, and its defaults are the toy preset's evaluation."""
+    import inspect
+
+    args = vgpo.make_args(model="tiny", eval_steps=3, eval_batch_size=16)
+    prompts = shapes.eval_prompt_list()[::20]  # every category, a few images each
+    want = vgpo.evaluate(vgpo.load_model(args), args, eval_set=[(p, shapes.METADATA[p]) for p in prompts])
+    got = shapes.held_out_accuracy(steps=3, batch_size=16, prompts=prompts)
+    assert len(got) == 1 + len(shapes.CATEGORIES)
+    assert got == {k[len("eval/"):]: v for k, v in want.items() if k.startswith("eval/strict")}
+    defaults = {k: p.default for k, p in inspect.signature(shapes.held_out_accuracy).parameters.items()}
+    preset = vgpo.make_args(model="tiny")
+    assert (defaults["steps"], defaults["batch_size"], defaults["seed"]) == \
+        (preset.eval_steps, preset.eval_batch_size, vgpo.EVAL_SEED)
+    assert preset.guidance_scale == 1.0 and preset.prompts == "shapes"  # it samples without CFG, on its prompts
 
 
 def test_rewards_follow_the_interface():
@@ -298,7 +320,8 @@ def test_one_epoch_changes_every_parameter_and_is_bitwise_reproducible(tmp_path,
 def test_vgpo_ablations_and_grpo_run(tmp_path, prompt_file):
     """--algo grpo, --no-temporal-values and --anchor-coef 0 each train; GRPO logs flat credit, and without
     temporal values only the terminal step carries reward."""
-    for name, extra in [("grpo", dict(algo="grpo")), ("notv", dict(temporal_values=False)), ("noanchor", dict(anchor_coef=0.0))]:
+    for name, extra in [("grpo", dict(algo="grpo")), ("notv", dict(temporal_values=False)),
+                        ("noanchor", dict(anchor_coef=0.0))]:
         args = vgpo.make_args(model="tiny", prompts=prompt_file, output_dir=str(tmp_path / name), **{**SMALL, **extra})
         row = vgpo.train(args)[-1]
         if name != "noanchor":
@@ -328,7 +351,8 @@ def test_command_line_as_a_user_types_it(tmp_path, prompt_file):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--model", "nope"], "--model"), (["--reward", "nope"], "--reward"), (["--num-generations", "1"], "--num-generations"),
+    (["--model", "nope"], "--model"), (["--reward", "nope"], "--reward"),
+    (["--num-generations", "1"], "--num-generations"),
     (["--gamma", "2"], "--gamma"), (["--prompts", "missing.txt"], "not found"), (["--epochs", "x"], "--epochs"),
     (["--train-batch-size", "48"], "multiple"),
 ])

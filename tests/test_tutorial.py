@@ -1,4 +1,4 @@
-"""Tests of tutorial.ipynb (executed headless in quick mode), its lab exercises, and experiments.py."""
+"""Tests of tutorial.ipynb (executed headless in quick mode), its lab exercises, and tools/experiments.py."""
 import ast
 import glob
 import json
@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 
+import re
+
 import nbformat
 import pytest
 
-import tutorial_build
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-NOTEBOOK = os.path.join(HERE, "tutorial.ipynb")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "tutorial.ipynb")
 
 
 def _pngs(cell):
@@ -52,7 +52,7 @@ def test_notebook_runs_headless_in_quick_mode_and_draws_its_plots(kernel, monkey
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []
-    NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": HERE}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": ROOT}}).execute()
     counts = _pngs_by_section(nb)
     assert all(counts.get(s, 0) >= 1 for s in (1, 2, 3, 4, 5)), counts
     assert counts[4] >= 2 and counts[5] >= 2, counts
@@ -60,16 +60,19 @@ def test_notebook_runs_headless_in_quick_mode_and_draws_its_plots(kernel, monkey
     assert "mode: quick" in text and "not attempted yet" in text
 
 
-def test_committed_notebook_is_the_builders_and_small_with_plots():
-    """tutorial.ipynb has tutorial_build.py's cells, was executed (PNG outputs), is ≤ 2 MB and redefines no vgpo function."""
+def test_committed_notebook_is_executed_small_with_plots_and_redefines_nothing():
+    """tutorial.ipynb was executed top to bottom in one kernel (execution counts 1…n, no error output; refresh it with
+    `python -m tools.notebook`), has its plots, is ≤ 2 MB and defines no function of the library."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert [c.source for c in nb.cells] == [c.source for c in tutorial_build.build().cells], \
-        "tutorial.ipynb is out of date: python tutorial_build.py --execute"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "python -m tools.notebook"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     assert os.path.getsize(NOTEBOOK) <= 2_000_000
-    assert sum(_pngs(c) for c in nb.cells if c.cell_type == "code") >= 7
-    import vgpo, shapes, reward
+    assert sum(_pngs(c) for c in code) >= 7
+    import harness, recovery, reward, shapes, vgpo
 
-    library = {n for m in (vgpo, shapes, reward) for n in dir(m) if callable(getattr(m, n)) and not n.startswith("_")}
+    library = {n for m in (vgpo, harness, recovery, shapes, reward) for n in dir(m)
+               if callable(getattr(m, n)) and not n.startswith("_")}
     defined = {node.name for c in nb.cells if c.cell_type == "code"
                for node in ast.walk(ast.parse(c.source)) if isinstance(node, ast.FunctionDef)}
     assert not defined & library, defined & library
@@ -78,7 +81,7 @@ def test_committed_notebook_is_the_builders_and_small_with_plots():
 def _tests_by_name():
     """{'file::test_name': source} of every test function in the suite."""
     out = {}
-    for path in glob.glob(os.path.join(HERE, "test_*.py")):
+    for path in glob.glob(os.path.join(ROOT, "test_*.py")) + glob.glob(os.path.join(ROOT, "tests", "test_*.py")):
         src = open(path).read()
         for node in ast.parse(src).body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
@@ -86,7 +89,26 @@ def _tests_by_name():
     return out
 
 
-@pytest.mark.parametrize("function, selector", tutorial_build.EXERCISES)
+def exercises() -> list[tuple[str, str]]:
+    """(function, pytest -k selector) of each lab exercise, as section 7 of the notebook lists them."""
+    section = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                   if c.cell_type == "markdown" and c.source.startswith("## 7."))
+    return re.findall(r'^- `(\w+)`: `VGPO_SOLUTIONS=my_solutions.py python -m pytest -q -k "([^"]+)"`$', section, re.M)
+
+
+def test_the_notebook_lists_an_exercise_for_each_function_it_asks_for():
+    """Each 'def my_NAME' cell of section 7 has its line in the exercise list, and each listed name is vgpo's."""
+    import vgpo
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    asked = {node.name[3:] for c in nb.cells if c.cell_type == "code" for node in ast.walk(ast.parse(c.source))
+             if isinstance(node, ast.FunctionDef) and node.name.startswith("my_")}
+    listed = [f for f, _ in exercises()]
+    assert asked and sorted(listed) == sorted(asked), (asked, listed)
+    assert all(getattr(vgpo, f).__module__ == "vgpo" for f in listed)
+
+
+@pytest.mark.parametrize("function, selector", exercises())
 def test_each_exercise_selector_selects_tests_that_call_the_function(function, selector):
     """The `pytest -k` selector the notebook gives for an exercise selects tests, and one of them calls the function."""
     from _pytest.mark.expression import Expression
@@ -95,8 +117,6 @@ def test_each_exercise_selector_selects_tests_that_call_the_function(function, s
     chosen = {n: s for n, s in _tests_by_name().items() if expr.evaluate(lambda sub: sub.lower() in n.lower())}
     assert chosen, selector
     assert any(f"vgpo.{function}(" in s for s in chosen.values()), (function, sorted(chosen))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert any(f'-k "{selector}"' in c.source for c in nb.cells if c.cell_type == "markdown")
 
 
 def test_a_wrong_solution_fails_the_exercise_tests(tmp_path):
@@ -106,7 +126,7 @@ def test_a_wrong_solution_fails_the_exercise_tests(tmp_path):
                      "def my_vgpo_advantages(*a, **k):\n    return 1.01 * _right(*a, **k)\n")
     env = {**os.environ, "VGPO_SOLUTIONS": str(wrong)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "advantage",
-                           "test_vgpo.py"], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+                           "test_vgpo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "failed" in proc.stdout, proc.stdout[-2000:]
     assert "testing your vgpo_advantages" in proc.stdout
 
@@ -117,8 +137,9 @@ SMALL = ["--set", "prompts_per_epoch=2", "--set", "num_generations=4", "--set", 
 
 
 def test_experiments_run_summarise_and_skip_finished_runs(tmp_path, capsys):
-    """experiments.py runs a group's plan, writes the table and plots from the run folders, and skips finished runs."""
-    import experiments
+    """tools/experiments.py runs a group's plan, writes the table and plots from the run folders, and skips finished
+    runs."""
+    from tools import experiments
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\ntwo blue squares\na circle left of a square\n")
@@ -137,12 +158,12 @@ def test_experiments_run_summarise_and_skip_finished_runs(tmp_path, capsys):
 
 
 def test_experiments_snr_keeps_the_update_gradient_without_changing_the_model(tmp_path):
-    """experiments.py snr: a rollout's kept gradient is non-zero, reproduced by the same seed and different for
+    """tools/experiments.py snr: a rollout's kept gradient is non-zero, reproduced by the same seed and different for
     another; the model is not updated; the command writes its table."""
     import torch
 
-    import experiments
     import vgpo
+    from tools import experiments
 
     settings = dict(reward="jpeg_compressibility", prompts_per_epoch=2, num_generations=2, num_steps=3,
                     train_batch_size=2, gradient_accumulation_steps=1)
@@ -161,3 +182,21 @@ def test_experiments_snr_keeps_the_update_gradient_without_changing_the_model(tm
     assert experiments.main(argv) == 0
     assert "| jpeg_compressibility | grpo |" in (tmp_path / "snr.md").read_text()
     assert experiments.main(["snr", "--batches", "1"]) == 2
+
+
+def test_the_readme_figure_shows_vgpos_per_step_credit_beside_grpos_flat_one():
+    """tools/figure.py's group (results/credit.png): a prompt whose samples disagree, GRPO's advantage the same at
+    every step, VGPO's not, and both computed by vgpo's own functions."""
+    import torch
+
+    import shapes
+    import vgpo
+    from tools import figure
+
+    args = vgpo.make_args(model="tiny", num_generations=4, num_steps=4, train_batch_size=48)
+    model = vgpo.load_model(args)
+    prompt, r, values, weights, adv, grpo = figure.one_group(args, model, vgpo.make_reward(args, model.device))
+    assert r.shape == values.shape == weights.shape == adv.shape == grpo.shape == (4, 4)
+    assert prompt in shapes.TRAIN_PROMPTS and r[:, -1].std() > 0
+    assert torch.equal(grpo, grpo[:, :1].expand_as(grpo)) and not torch.equal(adv, adv[:, :1].expand_as(adv))
+    torch.testing.assert_close(values, vgpo.temporal_values(r, args.gamma))

@@ -1,9 +1,9 @@
 """Benchmarks that print their figures (never timed tests).
 
-    python bench.py                     # toy world on this machine: VGPO's epoch time against GRPO's
-    python bench.py summarize runs/*    # a Markdown table of finished runs (held-out accuracy, time)
-    python bench.py --model sd3.5 --random-weights --resolution 512 --num-generations 8   # one GPU, SD3.5-M
-    python bench.py --tiny-sd3          # the same measurements on a tiny random SD3 pipeline (CPU check)
+    python -m tools.bench                     # toy world on this machine: VGPO's epoch time against GRPO's
+    python -m tools.bench summarize runs/*    # a Markdown table of finished runs (held-out accuracy, time)
+    python -m tools.bench --model sd3.5 --random-weights --resolution 512 --num-generations 8   # one GPU
+    python -m tools.bench --tiny-sd3          # the same measurements on a tiny random SD3 pipeline (CPU check)
 
 VGPO decodes and scores a preview after every step (T reward calls per image instead of one): this
 measures what that costs. Both algorithms run in one process on the same model, interleaved epoch by
@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 
+import harness
 import vgpo
 
 
@@ -65,7 +66,8 @@ def toy_epoch_time(epochs: int = 6, seed: int = 0) -> dict:
 
 def summarize(run_dirs: list[str]) -> str:
     """Markdown table of runs: held-out strict accuracy at epoch 0 and at the end, best, time per epoch."""
-    lines = ["| run | algo | seed | epochs | held-out strict, base → final | change | best (epoch) | s/epoch | total min |",
+    lines = ["| run | algo | seed | epochs | held-out strict, base → final | change | best (epoch) | s/epoch | "
+             "total min |",
              "|---|---|---|---|---|---|---|---|---|"]
     for d in run_dirs:
         args = json.load(open(f"{d}/args.json"))
@@ -76,7 +78,8 @@ def summarize(run_dirs: list[str]) -> str:
         per_epoch = np.mean([r["time/epoch_s"] for r in rows if "time/epoch_s" in r])
         total = sum(r.get("time/epoch_s", 0) + r.get("time/eval_s", 0) for r in rows) / 60
         lines.append(f"| {d} | {args['algo']} | {args['seed']} | {rows[-1]['epoch']} | {first:.3f} → {last:.3f} | "
-                     f"{last - first:+.3f} | {best['eval/strict_accuracy']:.3f} ({best['epoch']}) | {per_epoch:.1f} | {total:.1f} |")
+                     f"{last - first:+.3f} | {best['eval/strict_accuracy']:.3f} ({best['epoch']}) | "
+                     f"{per_epoch:.1f} | {total:.1f} |")
     return "\n".join(lines)
 
 
@@ -111,12 +114,13 @@ def _flops(fn) -> int:
 def _bench_args(a, prompt_file, **extra):
     n = a.prompts_per_epoch * a.num_generations
     b = extra.pop("train_batch_size", a.train_batch_size)
-    values = dict(model=a.model, random_weights=a.random_weights, resolution=a.resolution, num_generations=a.num_generations,
+    values = dict(model=a.model, random_weights=a.random_weights, resolution=a.resolution,
+                  num_generations=a.num_generations,
                   prompts_per_epoch=a.prompts_per_epoch, num_steps=a.num_steps, guidance_scale=a.guidance_scale,
                   reward=a.reward, prompts=prompt_file, max_sequence_length=a.max_sequence_length, seed=0,
                   train_batch_size=b, gradient_accumulation_steps=max(1, n // b // 2))  # 2 optimizer steps per epoch
     args = vgpo.make_args(**{**values, **extra})
-    vgpo.validate(args)
+    harness.validate(args)
     return args
 
 
@@ -202,8 +206,9 @@ def flop_rates(model, args, prompts, device, reps=3) -> dict:
     f_train = _flops(train)
     t_train, _ = _timed(train, device, reps=max(1, reps // 2))
     steps = args.num_steps - 1
-    return {"forward_batch": 2 * b if args.guidance_scale != 1 else b, "forward_s": t_fwd, "forward_tflop": f_fwd / 1e12,
-            "forward_tflop_s": f_fwd / t_fwd / 1e12, "train_step_s": t_train / steps, "train_step_tflop": f_train / steps / 1e12,
+    return {"forward_batch": 2 * b if args.guidance_scale != 1 else b, "forward_s": t_fwd,
+            "forward_tflop": f_fwd / 1e12, "forward_tflop_s": f_fwd / t_fwd / 1e12, "train_step_s": t_train / steps,
+            "train_step_tflop": f_train / steps / 1e12,
             "train_tflop_s": f_train / t_train / 1e12}
 
 
@@ -225,7 +230,8 @@ def epoch_times(model, args, prompts, device, epochs=1) -> dict:
             model.preview_decode = preview
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            row = vgpo.train_epoch(model, chosen, dataclasses.replace(args, algo=algo), reward_fn, optimizer, gen, shuffle)
+            row = vgpo.train_epoch(model, chosen, dataclasses.replace(args, algo=algo), reward_fn, optimizer, gen,
+                                   shuffle)
             if device.startswith("cuda") and name == "vgpo (vae previews)":
                 peak = max(peak, torch.cuda.max_memory_allocated())
             if e > 0:
@@ -260,7 +266,8 @@ def sd3_bench(a) -> dict:
     preview = a.tiny_preview or "tiny"
     setting = {k: v for k, v in vars(a).items() if k != "tmp"}
     if a.tiny_sd3:  # not the temp folder's name, which is gone after the run
-        setting.update(model="tiny random SD3 pipeline (sd3.save_tiny_random_pipeline, 4 layers)", tiny_preview="random")
+        setting.update(model="tiny random SD3 pipeline (sd3.save_tiny_random_pipeline, 4 layers)",
+                       tiny_preview="random")
     result = {"setting": setting, "device": device,
               "hardware": torch.cuda.get_device_name() if device == "cuda" else
               f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -315,8 +322,10 @@ def print_sd3(r) -> None:
           f"CFG {r['setting']['guidance_scale']}, micro-batch {r['setting']['train_batch_size']}")
     ro, fl = r["rollout"], r["flops"]
     print(f"rollout {ro['rollout_img_s']:.2f} img/s | stock pipeline {ro['stock_plain_img_s']:.2f} img/s (plain), "
-          f"{ro['stock_same_lora_transformer_img_s']:.2f} img/s (same LoRA transformer) | ratio {ro['rollout/stock_plain']:.3f}")
-    print(f"{'seconds per epoch':22s} {'rollout':>8s} {'reward':>8s} {'update':>8s} {'epoch':>8s} {'img/s':>7s} {'/GRPO':>6s}")
+          f"{ro['stock_same_lora_transformer_img_s']:.2f} img/s (same LoRA transformer) | "
+          f"ratio {ro['rollout/stock_plain']:.3f}")
+    print(f"{'seconds per epoch':22s} {'rollout':>8s} {'reward':>8s} {'update':>8s} {'epoch':>8s} {'img/s':>7s} "
+          f"{'/GRPO':>6s}")
     for name, e in r["epochs"].items():
         print(f"{name:22s} {e['time/rollout_s']:8.2f} {e['time/reward_s']:8.2f} {e['time/update_s']:8.2f} "
               f"{e['time/epoch_s']:8.2f} {e['img_s']:7.2f} {e['/grpo']:6.3f}")
@@ -344,16 +353,18 @@ def main(argv=None):
         p.add_argument("--num-steps", type=int, default=10)
         p.add_argument("--guidance-scale", type=float, default=4.5)
         p.add_argument("--max-sequence-length", type=int, default=256)
-        p.add_argument("--reward", default="jpeg_compressibility", help="a --reward spec as in vgpo.py, e.g. pickscore or pickscore=1,aesthetic=0.5")
-        p.add_argument("--tiny-preview", default="", help="AutoencoderTiny folder for the tiny previews (default TAESD3)")
+        p.add_argument("--reward", default="jpeg_compressibility",
+                       help="a --reward spec as in vgpo.py, e.g. pickscore or pickscore=1,aesthetic=0.5")
+        p.add_argument("--tiny-preview", default="",
+                       help="AutoencoderTiny folder for the tiny previews (default TAESD3)")
         p.add_argument("--epochs", type=int, default=1, help="timed epochs per configuration (after one warm-up each)")
         p.add_argument("--out", default="bench-sd3.json")
         a = p.parse_args(argv)
         a.tmp = tempfile.mkdtemp(prefix="vgpo-bench-")
         try:
             r = sd3_bench(a)
-        except vgpo.UsageError as e:
-            print(f"bench.py: error: {e}", file=sys.stderr)
+        except harness.UsageError as e:
+            print(f"tools.bench: error: {e}", file=sys.stderr)
             return 2
         finally:
             shutil.rmtree(a.tmp, ignore_errors=True)

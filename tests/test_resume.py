@@ -1,5 +1,5 @@
 """Tests of the run plumbing: checkpoints, resuming, interruptions, NaN guards, input validation, safety.
-Each checks a claim of vgpo.py's checkpoint section or of the README's "Checkpoints and resuming"."""
+Each checks a claim of recovery.py, harness.py or of the README's "Checkpoints, exit codes, logged metrics"."""
 import ast
 import dataclasses
 import json
@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import harness
+import recovery
 import reward
 import vgpo
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny and fast: 8 trajectories, 4 steps, 2 optimizer steps per epoch, a 4-image evaluation every 2 epochs
 SETTINGS = dict(prompts_per_epoch=2, num_generations=4, train_batch_size=4, gradient_accumulation_steps=2,
                 num_steps=4, eval_steps=3, eval_batch_size=16, eval_every=2, save_every=1)
@@ -114,10 +116,11 @@ def test_signal_mid_epoch_finishes_it_saves_and_resumes_to_the_same_result(sig, 
 
 
 def test_sigkill_after_a_checkpoint_resumes_to_the_same_result(reference, prompt_file, tmp_path):
-    """`python vgpo.py` killed with SIGKILL once epoch 2's checkpoint exists: --resume gives the uninterrupted result."""
+    """`python vgpo.py` killed with SIGKILL once epoch 2's checkpoint exists: --resume gives the uninterrupted
+    result."""
     out = str(tmp_path / "run")
     cmd = [sys.executable, "vgpo.py", *flags(**{**SETTINGS, "prompts": prompt_file, "output_dir": out, "epochs": 4})]
-    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(out, "checkpoints", "epoch_0002")) and proc.poll() is None:
         assert time.time() < deadline
@@ -184,13 +187,14 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_usable(reference
     assert run(out, prompt_file, epochs=4) == 130
     monkeypatch.undo()
     assert checkpoints(out) == [".tmp-epoch_0002", "epoch_0001"]
-    assert vgpo.read_checkpoint(os.path.join(out, "checkpoints", "epoch_0001"))["epoch"] == 1
+    assert recovery.read_checkpoint(os.path.join(out, "checkpoints", "epoch_0001"))["epoch"] == 1
     assert vgpo.main(["--resume", out]) == 0
     assert_same(reference, result(out))
     assert ".tmp-epoch_0002" not in checkpoints(out)
 
 
-def test_a_full_disk_skips_the_checkpoint_with_a_warning_and_the_run_goes_on(prompt_file, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_skips_the_checkpoint_with_a_warning_and_the_run_goes_on(prompt_file, tmp_path, monkeypatch,
+                                                                             capsys):
     """An OSError while saving (a full disk) is a warning: the run finishes, no half-written checkpoint is left."""
     save, calls = torch.save, []
 
@@ -288,7 +292,10 @@ def test_nan_in_rewards_loss_or_log_probs_skips_that_batch_and_is_counted(prompt
 def test_nan_patience_in_a_row_stops_the_run_with_a_checkpoint(prompt_file, tmp_path, monkeypatch, capsys):
     """--nan-patience 2 skipped batches in a row stop the run after that epoch: a checkpoint, exit code 3, a
     message naming the cause and the resume command."""
-    monkeypatch.setitem(reward.REWARDS, "nan_test", lambda device="cpu": lambda im, p, m: torch.full((len(im),), float("nan")))
+    def all_nan(images, prompts, metadata):
+        return torch.full((len(images),), float("nan"))
+
+    monkeypatch.setitem(reward.REWARDS, "nan_test", lambda device="cpu": all_nan)
     out = str(tmp_path / "run")
     assert run(out, prompt_file, epochs=4, reward="nan_test", save_every=0, nan_patience=2) == 3
     err = capsys.readouterr().err
@@ -308,7 +315,7 @@ def test_a_reward_model_that_raises_is_named(where, prompt_file, tmp_path, monke
         return broken
 
     monkeypatch.setitem(reward.REWARDS, "broken", factory)
-    with pytest.raises(vgpo.RewardError, match="the reward 'broken' raised ValueError: boom"):
+    with pytest.raises(harness.RewardCrashed, match="the reward 'broken' raised ValueError: boom"):
         run(str(tmp_path / "run"), prompt_file, epochs=1, reward="broken")
 
 
@@ -336,12 +343,15 @@ BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fr
     ("noise_level", ["--noise-level", "0"], "--noise-level"), ("gamma", ["--gamma", "2"], "--gamma"),
     ("sde_steps", ["--sde-steps", "-1"], "--sde-steps"),
     ("gamma", ["--gamma", "nan"], "--gamma must be a finite number"),
-    ("anchor_coef", ["--anchor-coef", "-1"], "--anchor-coef"), ("anchor_steps", ["--anchor-steps", "-1"], "--anchor-steps"),
+    ("anchor_coef", ["--anchor-coef", "-1"], "--anchor-coef"),
+    ("anchor_steps", ["--anchor-steps", "-1"], "--anchor-steps"),
     ("temporal_values", ["--temporal-values=yes"], "--temporal-values"),
     ("scale_rewards", ["--scale-rewards", "global"], "--scale-rewards"),
-    ("adv_clip_max", ["--adv-clip-max", "0"], "--adv-clip-max"), ("clip_range", ["--clip-range", "1.5"], "--clip-range"),
+    ("adv_clip_max", ["--adv-clip-max", "0"], "--adv-clip-max"),
+    ("clip_range", ["--clip-range", "1.5"], "--clip-range"),
     ("beta", ["--beta", "-0.1"], "--beta"), ("learning_rate", ["--learning-rate", "0"], "--learning-rate"),
-    ("learning_rate", ["--learning-rate", "inf"], "finite"), ("weight_decay", ["--weight-decay", "-1"], "--weight-decay"),
+    ("learning_rate", ["--learning-rate", "inf"], "finite"),
+    ("weight_decay", ["--weight-decay", "-1"], "--weight-decay"),
     ("max_grad_norm", ["--max-grad-norm", "0"], "--max-grad-norm"),
     ("train_batch_size", ["--train-batch-size", "48"], "multiple"),
     ("train_batch_size", ["--train-batch-size", "0"], "batch sizes"),
@@ -365,7 +375,8 @@ def test_every_setting_has_a_bad_value_case():
 
 
 @pytest.mark.parametrize("field, argv, needle", BAD, ids=[" ".join(a) for _, a, _ in BAD])
-def test_bad_settings_are_one_line_and_exit_2_before_the_model_loads(field, argv, needle, tmp_path, monkeypatch, capsys):
+def test_bad_settings_are_one_line_and_exit_2_before_the_model_loads(field, argv, needle, tmp_path, monkeypatch,
+                                                                     capsys):
     """Each bad value: exit code 2, one line on stderr naming the fix, no traceback, and no model loaded."""
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a red circle"}\n{"prompt": oops}\n')
     (tmp_path / "words.txt").write_text("a red circle\n" * 20 + "a purple dog\n")
@@ -387,9 +398,10 @@ def test_bad_settings_are_one_line_and_exit_2_before_the_model_loads(field, argv
 # ---------------------------------------------------------------------------------------------------
 def test_no_code_is_loaded_from_data_files():
     """In every module: torch.load only with weights_only=True, no trust_remote_code=True, no pickle, eval or exec;
-    weights are written with safetensors (vgpo.py never calls torch.save on a model)."""
-    for name in ("vgpo.py", "reward.py", "shapes.py", "bench.py"):
-        tree = ast.parse(open(os.path.join(HERE, name)).read())
+    weights are written with safetensors (torch.save only writes the optimizer and random states)."""
+    for name in ("vgpo.py", "harness.py", "recovery.py", "reward.py", "shapes.py", "sd3.py", "tools/bench.py",
+                 "tools/experiments.py", "tools/notebook.py", "prompts/make_prompts.py"):
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 fn = ast.unparse(node.func)
@@ -403,7 +415,8 @@ def test_no_code_is_loaded_from_data_files():
 
 
 def test_jsonl_prompts_are_plain_data(tmp_path):
-    """A .jsonl prompt file is parsed as JSON only: code-like text stays text, fields other than "prompt" are metadata."""
+    """A .jsonl prompt file is parsed as JSON only: code-like text stays text, fields other than "prompt" are
+    metadata."""
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a red circle", "note": "__import__(\'os\').system(\'false\')"}\n'
                     '{"prompt": "two blue squares"}\n')

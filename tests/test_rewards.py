@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import harness
 import reward
 import vgpo
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEW = ["--prompts-per-epoch", "2", "--train-batch-size", "8", "--gradient-accumulation-steps", "2"]  # N = 16 divides
 
 
@@ -211,7 +212,7 @@ def test_absent_reward_weights_give_one_line_and_exit_2(monkeypatch, tmp_path, c
     torch.hub.set_dir(str(tmp_path / "hub"))
     monkeypatch.setattr(reward, "AESTHETIC_HEAD_URL", "http://127.0.0.1:9/none.pth")
     try:
-        with pytest.raises(reward.RewardError, match="aesthetic@DIR") as e:
+        with pytest.raises(reward.RewardUnavailable, match="aesthetic@DIR") as e:
             reward.aesthetic("cpu", clip=object(), processor=object())
         assert "\n" not in str(e.value)
     finally:
@@ -223,7 +224,8 @@ def test_absent_reward_weights_give_one_line_and_exit_2(monkeypatch, tmp_path, c
 # ---------------------------------------------------------------------------------------------------
 def test_reward_spec_parsing_and_weighted_sum(tmp_path):
     """'a=1,b@DIR=0.5' parses to (name, folder, weight) terms; a sum is Σ w·R, its metrics give each component
-    (with the component's own metrics as NAME/KEY); unknown names, weights ≤ 0 or not numbers, repeats and bad @DIR are one-line errors."""
+    (with the component's own metrics as NAME/KEY); unknown names, weights ≤ 0 or not numbers, repeats and bad @DIR
+    are one-line errors."""
     assert reward.parse_reward_spec("ocr") == [("ocr", None, 1.0)]
     assert reward.parse_reward_spec(f"pickscore@{tmp_path}=1, aesthetic=0.5") == [
         ("pickscore", str(tmp_path), 1.0), ("aesthetic", None, 0.5)]
@@ -241,7 +243,7 @@ def test_reward_spec_parsing_and_weighted_sum(tmp_path):
     for bad, needle in [("nope", "choose from"), ("ocr=0", "> 0"), ("ocr=-1", "> 0"), ("ocr=x", "> 0"),
                         ("ocr=nan", "> 0"), ("ocr,ocr=2", "twice"), ("ocr@.", "no model"),
                         ("pickscore@/no/such/dir", "no such folder"), ("", "unknown")]:
-        with pytest.raises(reward.RewardError, match=needle) as e:
+        with pytest.raises(reward.RewardUnavailable, match=needle) as e:
             reward.parse_reward_spec(bad)
         assert "\n" not in str(e.value)
 
@@ -253,7 +255,7 @@ def test_prompt_sets_split_and_count():
     """`--prompts ocr` / `--prompts preference` read prompts/NAME_train and NAME_test: OCR 420 + 60 prompts whose
     test texts are unseen in training, each quoting its metadata text; ≥ 300 preference prompts (450 + 100)
     whose test (subject, setting) pairs are unseen; no prompt in both splits."""
-    assert {"ocr", "preference"} <= set(vgpo.prompt_sets())
+    assert {"ocr", "preference"} <= set(harness.prompt_sets())
     sets = {name: vgpo.load_prompts(vgpo.make_args(model="tiny", prompts=name)) for name in ("ocr", "preference")}
     (ocr_train, ocr_test), (pref_train, pref_test) = sets["ocr"], sets["preference"]
     assert (len(ocr_train), len(ocr_test), len(pref_train), len(pref_test)) == (420, 60, 450, 100)
@@ -262,14 +264,14 @@ def test_prompt_sets_split_and_count():
         assert len({p for p, _ in train}) == len(train) and len({p for p, _ in test}) == len(test)
     assert all(reward.ocr_target(p) == m["text"] for p, m in ocr_train + ocr_test)
     assert not {m["text"] for _, m in ocr_train} & {m["text"] for _, m in ocr_test}
-    spec = importlib.util.spec_from_file_location("make_prompts", os.path.join(HERE, "prompts", "make_prompts.py"))
+    spec = importlib.util.spec_from_file_location("make_prompts", os.path.join(ROOT, "prompts", "make_prompts.py"))
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
     pair = lambda p: next((s, t) for s in make.SUBJECTS for t in make.SETTINGS if f"{s} {t}" in p)  # noqa: E731
     assert not {pair(p) for p, _ in pref_train} & {pair(p) for p, _ in pref_test}
     # the committed files are exactly what the generator writes
     for name, content in make.build().items():
-        with open(os.path.join(HERE, "prompts", name), encoding="utf-8") as f:
+        with open(os.path.join(ROOT, "prompts", name), encoding="utf-8") as f:
             assert f.read() == content, name
 
 
@@ -284,8 +286,8 @@ def test_prompt_file_errors_are_one_line(tmp_path, capsys):
 
 def test_shapes_reward_rejects_prompts_outside_the_grammar_before_the_run():
     """The shapes reward checks a prompt file at start-up: a sentence of known words that is not a prompt of
-    the grammar (no exact check exists for it) is a RewardError naming it, not a traceback mid-run."""
+    the grammar (no exact check exists for it) is a RewardUnavailable naming it, not a traceback mid-run."""
     fn = reward.REWARDS["shapes"]("cpu")
     fn.check_prompts([("a red circle", {}), ("three blue squares", {})])  # prompts of the grammar pass
-    with pytest.raises(reward.RewardError, match="'a green triangle above a red circle' is not a prompt"):
+    with pytest.raises(reward.RewardUnavailable, match="'a green triangle above a red circle' is not a prompt"):
         fn.check_prompts([("a red circle", {}), ("a green triangle above a red circle", {})])

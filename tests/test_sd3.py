@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
+import harness
 import sd3
 import vgpo
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 32-px images (16×16 latents, 64 image tokens), 16 T5 tokens: a rollout step takes milliseconds
 TINY = dict(resolution=32, max_sequence_length=16, guidance_scale=4.5, num_steps=4, num_generations=2,
             prompts_per_epoch=2, train_batch_size=4, gradient_accumulation_steps=1)
@@ -33,7 +34,7 @@ def _load(tiny_sd3, **kw):
     folder, prompts, _ = tiny_sd3
     args = vgpo.make_args(model=folder, prompts=prompts, **{**TINY, **kw})
     if args.noise_level > 0:  # validate() rightly refuses noise_level 0 for training
-        vgpo.validate(args)
+        harness.validate(args)
     return vgpo.load_model(args), args
 
 
@@ -76,7 +77,7 @@ def test_exported_lora_in_the_stock_pipeline_equals_the_policy_and_adapter_off_i
     for n, p in trainable:  # a trained-looking adapter (B starts at zero)
         if "lora_B" in n:
             p.data = torch.randn(p.shape, generator=g) * 0.1
-    path = vgpo.save_policy(model, str(tmp_path / "lora"))
+    path = harness.save_policy(model, str(tmp_path / "lora"))
     assert path.endswith("pytorch_lora_weights.safetensors")
     pipe = _stock(tiny_sd3[0])
     x, t = torch.randn(2, *model.latent_shape, generator=g), torch.tensor([700.0, 300.0])
@@ -102,7 +103,7 @@ def test_one_training_epoch_from_the_command_line(tiny_sd3, tmp_path):
                  reward="jpeg_compressibility", preview_decoder=taesd, learning_rate=1e-2)
     cmd = [sys.executable, "vgpo.py", "--model", folder, "--prompts", prompts, "--output-dir", str(out),
            *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]]
-    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "32 px, latents (4, 16, 16)" in proc.stdout and "epoch   1/1" in proc.stdout
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -111,7 +112,8 @@ def test_one_training_epoch_from_the_command_line(tiny_sd3, tmp_path):
     lora = out / "lora" / "pytorch_lora_weights.safetensors"
     assert lora.exists() and not (out / "transformer.safetensors").exists()
     pipe = _stock(folder)
-    run = dict(num_inference_steps=3, guidance_scale=4.5, height=32, width=32, max_sequence_length=16, output_type="latent")
+    run = dict(num_inference_steps=3, guidance_scale=4.5, height=32, width=32, max_sequence_length=16,
+               output_type="latent")
     before = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **run).images
     pipe.load_lora_weights(str(out / "lora"))
     after = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **run).images
@@ -183,9 +185,9 @@ def test_absent_weights_get_one_line_and_exit_code_2(model, needle, tmp_path, ca
 
 
 def test_sd3_benchmark_runs_end_to_end(tmp_path):
-    """`python bench.py --tiny-sd3` (the CPU stand-in for `--model sd3.5 --random-weights`) measures rollout
+    """`python -m tools.bench --tiny-sd3` (the CPU stand-in for `--model sd3.5 --random-weights`) measures rollout
     against the stock pipeline, the three epoch configurations and the FLOP rates, and writes its JSON."""
-    import bench
+    from tools import bench
 
     out = tmp_path / "bench.json"
     assert bench.main(["--tiny-sd3", "--resolution", "32", "--num-generations", "2", "--train-batch-size", "2",

@@ -1,12 +1,12 @@
-"""The experiments of the README on the toy world: VGPO against GRPO and its two halves, reward-diversity
-depletion, and sensitivity to κ, anchor_steps and γ. Every run is an ordinary `vgpo.train` run in its own
-folder; this script plans them, runs the missing ones one after another in this process, and summarises
+"""The experiments on the toy world (logged in results/RESULTS.md): VGPO against GRPO and its two halves,
+reward-diversity depletion, and sensitivity to κ, anchor_steps and γ. Every run is an ordinary `vgpo.train`
+run in its own folder; this script plans them, runs the missing ones one after another in this process, and summarises
 the folders into a Markdown table and PNG plots.
 
-    python experiments.py run                      # the full plan (slow: hours on 2 CPU cores)
-    python experiments.py run --epochs 10 --seeds 2 --eval-every 5 --only main   # a smaller budget
-    python experiments.py summarise --epochs 10 --seeds 2 --eval-every 5         # tables and plots only
-    python experiments.py snr                      # signal-to-noise of one rollout's policy gradient
+    python -m tools.experiments run                      # the full plan (slow: hours on 2 CPU cores)
+    python -m tools.experiments run --epochs 10 --seeds 2 --eval-every 5 --only main   # a smaller budget
+    python -m tools.experiments summarise --epochs 10 --seeds 2 --eval-every 5         # tables and plots only
+    python -m tools.experiments snr                      # signal-to-noise of one rollout's policy gradient
 
 Groups (`--only`):
     main         GRPO, VGPO, temporal-values-only (VGPO with --anchor-coef 0) and anchor-only (VGPO with
@@ -35,9 +35,10 @@ import time
 import numpy as np
 import torch
 
+import harness
+import recovery
 import vgpo
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # name → the settings it changes from the toy preset
     "grpo": dict(algo="grpo"),
     "vgpo": dict(),
@@ -62,7 +63,8 @@ class Run:
     def folder(self, root: str, epochs: int) -> str:
         # named by what it changes, so two groups asking for the same settings share one run
         tag = "-".join(f"{k}={v}" for k, v in sorted(self.overrides.items()) if k != "algo")
-        return os.path.join(root, f"{self.overrides.get('algo', 'vgpo')}{'-' + tag if tag else ''}-e{epochs}-s{self.seed}")
+        algo = self.overrides.get("algo", "vgpo")
+        return os.path.join(root, f"{algo}{'-' + tag if tag else ''}-e{epochs}-s{self.seed}")
 
 
 def plan(only, seeds: int, sensitivity_seeds: int, depletion_seeds: int | None = None) -> list[Run]:
@@ -109,7 +111,7 @@ def execute(runs: list[Run], opts) -> None:
         folder = run.folder(opts.runs, opts.epochs)
         args = run_args(run, folder, opts)
         if os.path.isdir(os.path.join(folder, "checkpoints")) and os.listdir(os.path.join(folder, "checkpoints")):
-            args = vgpo.resume_args(folder, epochs=opts.epochs)  # an interrupted run: continue it
+            args = recovery.resume_args(vgpo.Args, folder, epochs=opts.epochs)  # an interrupted run: continue it
         elif os.path.exists(folder):  # started but nothing to continue from: start again
             shutil.rmtree(folder)
         print(f"\n=== [{i + 1}/{len(todo)}] {run.group}: {run.label}, seed {run.seed} → {folder}", flush=True)
@@ -188,7 +190,8 @@ def table(data: dict, group: str, labels: list[str], opts, reference: str | None
         if ref_final is not None:  # first evaluated epoch after training began where the mean reaches it
             hit = [int(ei) for ei, mi in zip(e, m) if ei > 0 and mi >= ref_final - 1e-9]
             cells.append(str(hit[0]) if hit else f"not in {int(e[-1])}")
-        for key, red in [("reward/mean", float), ("reward/frac_zero_std", float), ("advantage/mean_abs", trained_abs_adv)]:
+        for key, red in [("reward/mean", float), ("reward/frac_zero_std", float),
+                         ("advantage/mean_abs", trained_abs_adv)]:
             cells.append(f"{head_mean(rows, key, reduce=red):.3f} → {tail_mean(rows, key, reduce=red):.3f}")
         cells.append(f"{np.mean([r['time/epoch_s'] for rows_ in rows for r in rows_ if 'reward/mean' in r]):.1f}")
         cells.append(f"{np.mean([r['time/eval_s'] for rows_ in rows for r in rows_ if 'time/eval_s' in r]):.0f}")
@@ -198,7 +201,8 @@ def table(data: dict, group: str, labels: list[str], opts, reference: str | None
 
 def sensitivity_table(data, opts) -> list[str]:
     base = vgpo.make_args(model="tiny")
-    lines = ["| setting | value | seeds | held-out strict acc., base → final | frac_zero_std (last 3) |", "|---|---|---|---|---|"]
+    lines = ["| setting | value | seeds | held-out strict acc., base → final | frac_zero_std (last 3) |",
+             "|---|---|---|---|---|"]
     found = False
     for key, values in SENSITIVITY.items():
         for v in sorted(set(values) | {getattr(base, key)}):
@@ -276,9 +280,9 @@ def summarise(runs: list[Run], opts) -> str:
     os.makedirs(opts.results, exist_ok=True)
     data = collect(runs, opts)
     done = sum(len(v) for v in data.values())
-    lines = ["# Experiments on the toy world (written by `python experiments.py`)", "",
-             f"Budget: {budget_line(opts)}. {done} of {len(runs)} planned runs finished. Accuracy is the mean over seeds "
-             "± the std over seeds (ddof 1); '@E' is the evaluation after epoch E (@0 = the base model). "
+    lines = ["# Experiments on the toy world (written by `python -m tools.experiments`)", "",
+             f"Budget: {budget_line(opts)}. {done} of {len(runs)} planned runs finished. Accuracy is the mean over "
+             "seeds ± the std over seeds (ddof 1); '@E' is the evaluation after epoch E (@0 = the base model). "
              "'first 3 → last 3' averages the first and the last three training epochs. Seconds are wall time on "
              "this machine, 1 thread.", "",
              f"Command: `{opts.cmdline}`", "", "## GRPO, VGPO and its two halves", ""]
@@ -296,7 +300,7 @@ def summarise(runs: list[Run], opts) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Gradient signal-to-noise (`python experiments.py snr`): how much one rollout's gradient says
+# Gradient signal-to-noise (`python -m tools.experiments snr`): how much one rollout's gradient says
 # ----------------------------------------------------------------------------------------------------
 class _KeepGradient:
     """Stands in for the optimizer in vgpo.update: adds up the gradient it would have stepped with."""
@@ -324,12 +328,15 @@ def policy_gradients(args: vgpo.Args, batches: int, seed: int = 0, model=None) -
     chosen = vgpo.sample_prompts(train, args.prompts_per_epoch, np.random.default_rng(seed))
     metadata = [m for _, m in chosen for _ in range(args.num_generations)]
     n = args.prompts_per_epoch * args.num_generations
-    measure = dataclasses.replace(args, max_grad_norm=float("inf"), gradient_accumulation_steps=-(-n // args.train_batch_size))
+    measure = dataclasses.replace(args, max_grad_norm=float("inf"),
+                                  gradient_accumulation_steps=-(-n // args.train_batch_size))
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     grads, rewards, t0 = [], [], time.time()
     for b in range(batches):
-        traj = vgpo.rollout(model, [p for p, _ in chosen], args, generator=torch.Generator(model.device).manual_seed(seed * 1000 + b))
-        r = vgpo.instant_rewards(model, traj, reward_fn, metadata, previews=args.algo == "vgpo" and args.temporal_values)
+        gen = torch.Generator(model.device).manual_seed(seed * 1000 + b)
+        traj = vgpo.rollout(model, [p for p, _ in chosen], args, generator=gen)
+        previews = args.algo == "vgpo" and args.temporal_values
+        r = vgpo.instant_rewards(model, traj, reward_fn, metadata, previews=previews)
         _, _, adv = vgpo.credit(r, traj.group_ids, args)
         keep = _KeepGradient(params)
         vgpo.update(model, traj, adv, keep, measure, torch.Generator().manual_seed(b))
@@ -361,7 +368,7 @@ def snr_report(opts) -> str:
     for reward in opts.rewards.split(","):
         for algo in opts.algos.split(","):
             args = vgpo.make_args(model="tiny", reward=reward, algo=algo, **opts.set)
-            vgpo.validate(args)
+            harness.validate(args)
             grads, rewards, per_traj = policy_gradients(args, opts.batches)
             n = args.prompts_per_epoch * args.num_generations
             c, se = mean_cosine(grads)
@@ -387,24 +394,30 @@ def parse_set(items) -> dict:
     for item in items or []:
         key, _, value = item.partition("=")
         if key not in fields or not value:
-            raise vgpo.UsageError(f"--set {item!r}: write FIELD=VALUE with a vgpo.Args field (see python vgpo.py --help)")
-        cast = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}[fields[key]]
+            raise harness.UsageError(f"--set {item!r}: write FIELD=VALUE with a vgpo.Args field (see python vgpo.py "
+                                     "--help)")
+        cast = {"int": int, "float": float, "str": str,
+                "bool": lambda s: s.lower() in ("1", "true", "yes")}[fields[key]]
         try:
             out[key] = cast(value)
         except ValueError:
-            raise vgpo.UsageError(f"--set {item!r}: {value!r} is not a {fields[key]}") from None
+            raise harness.UsageError(f"--set {item!r}: {value!r} is not a {fields[key]}") from None
     return out
 
 
 def main(argv=None) -> int:
     preset = vgpo.make_args(model="tiny")
-    p = vgpo._Parser(description=__doc__.split("\n\n")[0])  # a usage mistake is one line and exit code 2
+    p = harness.Parser(description=__doc__.split("\n\n")[0])  # a usage mistake is one line and exit code 2
     p.add_argument("command", choices=["run", "summarise", "summarize", "snr"],
                    help="run the missing runs, only summarise, or measure the policy gradient's signal-to-noise")
-    p.add_argument("--only", default="main,depletion,sensitivity", help="comma-separated groups: main, depletion, sensitivity")
-    p.add_argument("--epochs", type=int, default=preset.epochs, help=f"epochs per run (default: the preset's {preset.epochs})")
-    p.add_argument("--eval-every", type=int, default=preset.eval_every, help=f"(default: the preset's {preset.eval_every})")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0…N−1 of the main grid and the depletion pair (default 3)")
+    p.add_argument("--only", default="main,depletion,sensitivity",
+                   help="comma-separated groups: main, depletion, sensitivity")
+    p.add_argument("--epochs", type=int, default=preset.epochs,
+                   help=f"epochs per run (default: the preset's {preset.epochs})")
+    p.add_argument("--eval-every", type=int, default=preset.eval_every,
+                   help=f"(default: the preset's {preset.eval_every})")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds 0…N−1 of the main grid and the depletion pair (default 3)")
     p.add_argument("--depletion-seeds", type=int, default=None, help="seeds of the depletion pair (default: --seeds)")
     p.add_argument("--sensitivity-seeds", type=int, default=1, help="seeds of the sensitivity sweep (default 1)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="change a vgpo.Args field in every run")
@@ -419,33 +432,34 @@ def main(argv=None) -> int:
         opts = p.parse_args(argv)
         only = opts.only.split(",")
         if set(only) - {"main", "depletion", "sensitivity"}:
-            raise vgpo.UsageError(f"--only {opts.only!r}: use main, depletion and/or sensitivity, comma-separated")
+            raise harness.UsageError(f"--only {opts.only!r}: use main, depletion and/or sensitivity, comma-separated")
         opts.depletion_seeds = opts.seeds if opts.depletion_seeds is None else opts.depletion_seeds
         if min(opts.epochs, opts.eval_every, opts.seeds, opts.depletion_seeds, opts.sensitivity_seeds) < 1:
-            raise vgpo.UsageError("--epochs, --eval-every and the seed counts must be ≥ 1")
+            raise harness.UsageError("--epochs, --eval-every and the seed counts must be ≥ 1")
         opts.set = parse_set(opts.set)
         if opts.command == "snr":
             if opts.batches < 2 or not 1 <= opts.combine <= opts.batches:
-                raise vgpo.UsageError("--batches must be ≥ 2 and --combine between 1 and --batches")
-            opts.cmdline = f"python experiments.py snr --batches {opts.batches} --combine {opts.combine} " \
-                           f"--rewards {opts.rewards} --algos {opts.algos}" + "".join(f" --set {k}={v}" for k, v in opts.set.items())
+                raise harness.UsageError("--batches must be ≥ 2 and --combine between 1 and --batches")
+            opts.cmdline = f"python -m tools.experiments snr --batches {opts.batches} --combine {opts.combine} " \
+                           f"--rewards {opts.rewards} --algos {opts.algos}" + \
+                           "".join(f" --set {k}={v}" for k, v in opts.set.items())
             report = snr_report(opts)
             os.makedirs(opts.results, exist_ok=True)
             with open(os.path.join(opts.results, "snr.md"), "w") as f:
                 f.write(report + "\n")
             print(report)
             return 0
-        opts.cmdline = "python experiments.py run " + " ".join(
+        opts.cmdline = "python -m tools.experiments run " + " ".join(
             [f"--epochs {opts.epochs}", f"--eval-every {opts.eval_every}", f"--seeds {opts.seeds}",
              f"--depletion-seeds {opts.depletion_seeds}", f"--sensitivity-seeds {opts.sensitivity_seeds}",
              f"--only {opts.only}", *[f"--set {k}={v}" for k, v in opts.set.items()]])
         runs = plan(only, opts.seeds, opts.sensitivity_seeds, opts.depletion_seeds)
-        vgpo.validate(run_args(runs[0], "", opts))
+        harness.validate(run_args(runs[0], "", opts))
         if opts.command == "run":
             execute(runs, opts)
         print(summarise(runs, opts))
-    except vgpo.UsageError as e:
-        print(f"experiments.py: error: {e}", file=sys.stderr)
+    except harness.UsageError as e:
+        print(f"tools.experiments: error: {e}", file=sys.stderr)
         return 2
     return 0
 

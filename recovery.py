@@ -1,0 +1,291 @@
+"""Checkpoints, resuming, interruptions and the NaN guard (plumbing: a reader of the method can skip this).
+
+An RL run on SD3.5 takes hours; a crash, a Ctrl-C, a full disk or one NaN must not cost it. A checkpoint is
+a folder <output_dir>/checkpoints/epoch_NNNN/ with
+    weights.safetensors   the trainable parameters by name (the whole tiny model; the LoRA weights on SD3.5)
+    state.pt              the optimizer and every random state: python, numpy, torch, and the prompt, rollout
+                          and shuffle generators (tensors, dicts and numbers only: read back with
+                          torch.load(weights_only=True), which cannot run code)
+    meta.json             epoch, settings, the metric rows so far, the prompt-encoding order (Model.encoded),
+                          the NaN guard's count, and the SHA-256 of the two files above
+It is written as .tmp-epoch_NNNN and renamed when complete (a rename is atomic), so a crash or a full disk
+mid-write leaves the earlier checkpoints as they were. --resume DIR takes the newest checkpoint that matches
+its checksums and loads (a damaged one is renamed *.damaged, with a message), cuts metrics.jsonl back to the
+checkpoint's rows and continues; on the CPU the result is bitwise that of an uninterrupted run (tested).
+Exit codes are in vgpo.main.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness import UsageError, flag
+
+# Flags that may differ from the saved run on --resume: they change when or where things happen, not what
+# is computed (a change of --device does change the numbers a little; the run says so).
+SAFE_ON_RESUME = ("epochs", "eval_every", "save_every", "keep_checkpoints", "nan_patience", "device",
+                  "eval_batch_size")
+CHECKPOINT_FILES = ("weights.safetensors", "state.pt")
+
+
+class RunStopped(Exception):
+    """The run stopped early after saving a checkpoint (a signal, or the NaN guard); `code` is the exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming: which settings, which checkpoint
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_same(saved: dict, given: dict, where: str) -> None:
+    """A one-line error for the first setting in `given` that is not safe to change and differs from `saved`."""
+    for k, v in given.items():
+        if k not in (*SAFE_ON_RESUME, "resume", "output_dir") and k in saved and saved[k] != v:
+            raise UsageError(f"{flag(k)} {v!r} conflicts with {saved[k]!r} in {where}: a resumed run may change "
+                             f"only {', '.join(map(flag, SAFE_ON_RESUME))}; start a new run to change {flag(k)}")
+
+
+def resume_args(args_cls, resume: str, **given):
+    """The settings (an `args_cls`) of the run in folder `resume` (its args.json), updated with the flags in
+    `given` that are safe to change (SAFE_ON_RESUME); any other flag given must repeat the saved value."""
+    try:
+        with open(os.path.join(resume, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise UsageError(f"--resume {resume!r} is not a run folder (no readable args.json): "
+                         "give a run's output folder") from None
+    if given.get("output_dir") and os.path.abspath(given["output_dir"]) != os.path.abspath(resume):
+        raise UsageError("a resumed run continues in its own folder: drop --output-dir")
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(args_cls)}}
+    _check_same(saved, given, f"the run in {resume}")
+    safe = {k: v for k, v in given.items() if k in SAFE_ON_RESUME}
+    return args_cls(**{**saved, **safe, "resume": resume, "output_dir": resume})
+
+
+def find_checkpoint(args) -> dict:
+    """The newest checkpoint in args.resume that is complete and undamaged, read. A damaged one is renamed
+    *.damaged (kept for inspection, out of the way of later saves), reported, and the previous one tried."""
+    root = os.path.join(args.resume, "checkpoints")
+    names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"epoch_\d+", n)]
+    for name in sorted(names, key=lambda n: int(n[6:]), reverse=True):
+        path = os.path.join(root, name)
+        try:
+            ckpt = read_checkpoint(path)
+        except Exception as e:  # truncation, flipped bits, missing files: all end up here
+            shutil.rmtree(path + ".damaged", ignore_errors=True)
+            os.rename(path, path + ".damaged")
+            print(f"vgpo.py: checkpoint {path} is damaged ({type(e).__name__}: {e}); set aside as {name}.damaged, "
+                  "trying the one before it", file=sys.stderr, flush=True)
+            continue
+        _check_same(ckpt["args"], dataclasses.asdict(args), f"checkpoint {path}")
+        if ckpt["epoch"] >= args.epochs:
+            raise UsageError(f"the run in {args.resume} has reached epoch {ckpt['epoch']}: give --epochs above "
+                             f"{ckpt['epoch']} to train it further")
+        print(f"resuming {args.resume} from {name} (epoch {ckpt['epoch']}, training to epoch {args.epochs})",
+              flush=True)
+        return ckpt
+    raise UsageError(f"no usable checkpoint in {root}: the run saved none (see --save-every); start a new run")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing, reading and restoring a checkpoint
+# ----------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: str) -> None:  # a file or a folder on disk, not only in the page cache
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_states(rngs: dict) -> dict:
+    """Every random state a run draws from, as tensors, dicts and numbers."""
+    np_global = np.random.get_state(legacy=False)
+    np_global["state"]["key"] = np_global["state"]["key"].tolist()  # weights_only loads no numpy arrays
+    return {"python": random.getstate(), "numpy": np_global, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "prompts": rngs["prompts"].bit_generator.state, "shuffle": rngs["shuffle"].get_state(),
+            "rollout": rngs["rollout"].get_state(), "rollout_device": rngs["rollout"].device.type}
+
+
+def set_rng_states(s: dict, rngs: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.device_count() == len(s["cuda"]):
+        torch.cuda.set_rng_state_all(s["cuda"])
+    rngs["prompts"].bit_generator.state = s["prompts"]
+    rngs["shuffle"].set_state(s["shuffle"])
+    if rngs["rollout"].device.type == s["rollout_device"]:
+        rngs["rollout"].set_state(s["rollout"])
+    else:  # a CPU generator's state means nothing to a CUDA one: a new stream, seeded from the old state
+        rngs["rollout"].manual_seed(int(hashlib.sha256(s["rollout"].numpy().tobytes()).hexdigest()[:15], 16))
+        print(f"vgpo.py: note: the rollout noise moved from {s['rollout_device']} to {rngs['rollout'].device.type}: "
+              "the run continues correctly but not bitwise as it would have on the old device", file=sys.stderr)
+
+
+def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history) -> str | None:
+    """Write checkpoints/epoch_NNNN atomically and keep the newest `args.keep_checkpoints`. Returns its path,
+    or None (with a warning; the run goes on) when it could not be written, e.g. on a full disk."""
+    from safetensors.torch import save_file
+
+    root = os.path.join(out_dir, "checkpoints")
+    final, tmp = os.path.join(root, f"epoch_{epoch:04d}"), os.path.join(root, f".tmp-epoch_{epoch:04d}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        weights = {n: p.detach().cpu().contiguous()
+                   for n, p in model.transformer.named_parameters() if p.requires_grad}
+        save_file(weights, os.path.join(tmp, "weights.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(rngs)}, os.path.join(tmp, "state.pt"))
+        meta = {"epoch": epoch, "args": dataclasses.asdict(args), "history": history, "encoded": model.encoded,
+                "nan_in_a_row": guard.in_a_row,
+                "sha256": {f: _sha256(os.path.join(tmp, f)) for f in CHECKPOINT_FILES}}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        for f in (*CHECKPOINT_FILES, "meta.json", ""):  # the files, then the folder, reach the disk
+            _fsync(os.path.join(tmp, f))
+        if os.path.exists(final):  # a resumed run passing an epoch saved before (it was set aside as damaged)
+            shutil.rmtree(final)
+        os.rename(tmp, final)  # the moment the checkpoint exists, complete
+        _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"vgpo.py: warning: could not save checkpoint {final} ({e}); the run goes on", file=sys.stderr,
+              flush=True)
+        return None
+    # keep the newest K; also clear temporary folders left by a run killed mid-write
+    done = sorted((n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n)), key=lambda n: int(n[6:]))
+    for name in done[: -args.keep_checkpoints] + [n for n in os.listdir(root) if n.startswith(".tmp-")]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: str) -> dict:
+    """meta.json of a checkpoint with `weights` and `state` added, on the CPU; raises if anything is damaged."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "meta.json")) as f:
+        ckpt = json.load(f)
+    for name in CHECKPOINT_FILES:
+        if _sha256(os.path.join(path, name)) != ckpt["sha256"][name]:
+            raise ValueError(f"{name} does not match its checksum")
+    ckpt["weights"] = load_file(os.path.join(path, "weights.safetensors"))
+    ckpt["state"] = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    return ckpt
+
+
+def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard) -> list[dict]:
+    """Put a checkpoint's weights, optimizer state, prompt cache and random states back; returns its rows."""
+    params = dict(model.transformer.named_parameters())
+    if set(ckpt["weights"]) != {n for n, p in params.items() if p.requires_grad}:
+        raise UsageError("the checkpoint's weights do not fit this model's trainable parameters")
+    with torch.no_grad():
+        for name, value in ckpt["weights"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(ckpt["state"]["optimizer"])
+    for batch in ckpt["encoded"]:  # the prompt cache, filled in the original order (see Model.encoded)
+        model.encode(batch)
+    set_rng_states(ckpt["state"]["rng"], rngs)
+    guard.in_a_row = ckpt["nan_in_a_row"]
+    return ckpt["history"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The NaN guard and stop signals
+# ----------------------------------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf in rewards or log-probs: the NaN guard skips the batch (see NanGuard)."""
+
+
+def require_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """`x` unchanged, or NonFiniteError: a NaN reward would silently turn every advantage of its group into NaN."""
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"{int((~torch.isfinite(x)).sum())} NaN/inf {what} value(s)")
+    return x
+
+
+@dataclass
+class NanGuard:
+    """Counts batches skipped for NaN/inf. A batch is one rollout (its rewards or log-probs) or one optimizer
+    step (its loss or gradient); an applied optimizer step resets the count of skips in a row, and
+    `patience` in a row trip the guard: the run stops after the epoch, with a checkpoint (exit code 3)."""
+
+    patience: int
+    in_a_row: int = 0
+    skipped: int = 0  # in the current epoch: logged as guard/skipped_batches
+    tripped: bool = False
+    last: str = ""  # what was not finite, for the stop message
+
+    def record(self, ok: bool, what: str = "") -> bool:
+        """Count one batch, good (`ok`) or skipped; returns `ok`."""
+        if ok:
+            self.in_a_row = 0
+            return True
+        self.in_a_row, self.skipped, self.last = self.in_a_row + 1, self.skipped + 1, what
+        self.tripped |= self.in_a_row >= self.patience
+        print(f"vgpo.py: warning: NaN/inf in {what}: batch skipped ({self.in_a_row} in a row; the run stops at "
+              f"{self.patience}, --nan-patience)", file=sys.stderr, flush=True)
+        return False
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM set `signum` and the loop stops after the epoch in progress,
+    with a checkpoint; a second signal stops at once (KeyboardInterrupt, the epoch is lost)."""
+
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nvgpo.py: {signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint "
+              "(send it again to stop at once, losing the epoch)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def raise_if_stopped(signum, guard: NanGuard, saved: str | None, args, epoch: int) -> None:
+    """After a checkpoint: RunStopped if a signal came (unless the run is complete anyway) or the guard tripped."""
+    where = f"checkpoint {saved}" if saved else "no checkpoint could be saved (see the warning above)"
+    again = f"python vgpo.py --resume {args.output_dir}"
+    if guard.tripped:
+        raise RunStopped(f"stopped after epoch {epoch}: {guard.in_a_row} batches in a row had NaN/inf (last: "
+                         f"{guard.last}); {where}. Fix the cause, then continue with: {again}", code=3)
+    if signum and epoch < args.epochs:
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} after epoch {epoch}/{args.epochs}; {where}. "
+                         f"Continue with: {again}", code=128 + signum)
