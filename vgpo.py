@@ -391,7 +391,8 @@ def credit(r: torch.Tensor, group_ids: torch.Tensor, args: Args):
         adv = vgpo_advantages(values, group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
                               args.adv_clip_max, weights=weights)  # Eqs. 12–13
     else:
-        values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)  # GRPO credits every step alike
+        # GRPO credits every step alike: its "values" (logged only) are the terminal reward, its weights 1
+        values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)
         adv = grpo_advantages(r[:, -1], group_ids, args.scale_rewards, args.adv_clip_max, args.num_steps)
     return values, weights, adv
 
@@ -413,6 +414,7 @@ def policy_loss(log_probs, log_probs_old, advantages, clip_range, kl=None, beta=
     # clipped term is constant, so it has no gradient exactly when moving further would pay
     l_clip = torch.maximum(unclipped, clipped).mean()
     l_kl = kl.mean() if kl is not None else torch.zeros((), device=ratio.device)
+    # diagnostics only (no gradient): how far the policy moved from the rollout's, and how often the clip bit
     stats = {
         "policy/approx_kl": 0.5 * ((log_probs - log_probs_old) ** 2).mean().item(),
         "policy/clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
@@ -497,6 +499,7 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ro
     traj = rollout(model, [p for p, _ in chosen], args, generator=rollout_gen)
     metadata = [m for _, m in chosen for _ in range(args.num_generations)]
     t1 = time.time()
+    # rewards are timed apart from the rollout: the preview rewards are VGPO's extra cost over GRPO
     use_previews = args.algo == "vgpo" and args.temporal_values  # GRPO never looks at previews
     try:  # NaN guard: a rollout with a NaN/inf reward or log-prob is not learned from
         r = instant_rewards(model, traj, reward_fn, metadata, previews=use_previews)  # Eq. 9, (N, T)
@@ -550,6 +553,7 @@ def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, run=None, 
     # noise_level 0: the deterministic ODE sampler users sample with after training
     images = generate(model, prompts, args.eval_steps, 0.0, args.guidance_scale, args.eval_batch_size,
                       generator=gen, record=False, desc="eval")[0]
+    # a reward with its own metrics (GenEval-style: strict accuracy by category) reports them; others their mean
     scores = reward_fn.metrics(images, prompts, metas) if hasattr(reward_fn, "metrics") else \
         {"score": reward_fn(images, prompts, metas).mean().item()}
     if run is not None:
