@@ -507,7 +507,7 @@ def held_out_accuracy(path: str = CHECKPOINT, steps: int = 40, batch_size: int =
             v = m["transformer"](x, encoder_hidden_states=seq, pooled_projections=pooled,
                                  timestep=(sigmas[k] * 1000).expand(x.shape[0]), return_dict=False)[0].float()
             x = x + (sigmas[k + 1] - sigmas[k]) * v
-        images.append(decode(x))
+        images.append(m["decode"](x))
     _, strict = verify(torch.cat(images), [METADATA[p] for p in prompts])
     cats = np.array([METADATA[p]["category"] for p in prompts])
     per_cat = {c: float(strict[cats == c].mean()) for c in CATEGORIES if (cats == c).any()}
