@@ -529,3 +529,60 @@ def test_geneval_refuses_prompts_without_metadata_before_the_run(geneval_dir, tm
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "GenEval metadata" in err and "--prompts geneval" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_geneval_absent_weights_give_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    """`python vgpo.py --reward geneval --prompts geneval` with neither model cached and no hub: one line naming
+    both downloads and the DIR layout, exit code 2; geneval@DIR without its subfolders says which are missing."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(reward, "GENEVAL_DETECTOR", "vgpo-tests/absent-detector")
+    monkeypatch.setattr(reward, "GENEVAL_CLIP", "vgpo-tests/absent-clip")
+    assert vgpo.main(["--reward", "geneval", "--prompts", "geneval", *FEW, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "hf download vgpo-tests/absent-detector" in err
+    assert "hf download vgpo-tests/absent-clip" in err and "geneval@DIR" in err
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    with pytest.raises(reward.RewardError, match="detector/ missing") as e:
+        reward.load_reward(f"geneval@{tmp_path / 'models'}", "cpu")
+    assert "\n" not in str(e.value) and "--local-dir" in str(e.value)
+
+
+def geneval_meaning(meta: dict) -> tuple:
+    """What a GenEval prompt asks for, whatever its wording: the multiset of (class, count, colour), plus each
+    relation stated one way ('B right of A' is 'A left of B')."""
+    inc = meta["include"]
+    things = tuple(sorted((r["class"], r["count"], r.get("color", "")) for r in inc))
+    flip = {"right of": "left of", "below": "above"}
+    relations = []
+    for r in inc:
+        if "position" in r:
+            rel, target = r["position"]
+            a, b = r["class"], inc[target]["class"]
+            relations.append((b, flip[rel], a) if rel in flip else (a, rel, b))
+    return meta["tag"], things, tuple(sorted(relations))
+
+
+def test_geneval_prompt_sets_split_by_meaning():
+    """`--prompts geneval`: 3 600 training and 520 test prompts of GenEval's six categories, all with valid
+    metadata that the wording states; no scene (by meaning, not string) twice in a split or in both splits;
+    the training set words scenes in the equivalent ways (object order, 'left of' / 'right of')."""
+    train, test = vgpo.load_prompts(vgpo.make_args(model="tiny", prompts="geneval"))
+    assert (len(train), len(test)) == (3600, 520)
+    for split in (train, test):
+        assert {m["tag"] for _, m in split} == set(reward.GENEVAL_CATEGORIES)
+        assert all(reward.geneval_metadata_error(m) is None for _, m in split)
+        meanings = [geneval_meaning(m) for _, m in split]
+        assert len(set(meanings)) == len(meanings)
+    assert not {geneval_meaning(m) for _, m in train} & {geneval_meaning(m) for _, m in test}
+    irregular = {"person": "people", "computer mouse": "computer mice", "knife": "knives"}
+    for p, m in train + test:  # the metadata is what the prompt says
+        for r in m["include"]:
+            assert any(form in p for form in (r["class"], r["class"][:-1], irregular.get(r["class"], "-")))
+            assert f"{r['color']} " in p if "color" in r else True
+            assert f" {r['position'][0]} " in p if "position" in r else True
+            assert f" {['', 'one', 'two', 'three', 'four'][r['count']]} " in p if m["tag"] == "counting" else True
+    words = " ".join(p for p, m in train if m["tag"] == "position")
+    assert all(w in words for w in (" left of ", " right of ", " above ", " below "))
+    assert any(m["include"][0]["class"] > m["include"][1]["class"] for _, m in train if m["tag"] == "two_object")
