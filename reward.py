@@ -654,6 +654,20 @@ def masked_crop(image: torch.Tensor, obj: Detection, background: float = 0.6) ->
     return img[:, y0:y1, x0:x1]
 
 
+def _coco_mismatch(id2label: dict) -> str:
+    """'' if a detector's class names are COCO_CLASSES in order (or generic LABEL_i names), else the first
+    that is not. Spellings differ between codebases ('mouse', 'hair dryer'), so a name passes if, letters
+    only, it contains or is contained in ours or starts with the same five letters."""
+    names = {int(i): "".join(ch for ch in str(n).lower() if ch.isalpha()) for i, n in id2label.items()}
+    for i, ours in enumerate(COCO_CLASSES):
+        theirs, ours = names.get(i, ""), "".join(ch for ch in ours if ch.isalpha())
+        if theirs.startswith("label"):
+            return ""  # a model built from a config without names: nothing to compare
+        if not theirs or not (theirs in ours or ours in theirs or theirs[:5] == ours[:5]):
+            return f"; class {i} is {id2label.get(i, id2label.get(str(i)))!r}, COCO's is {COCO_CLASSES[i]!r}"
+    return ""
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """transformers' notes (a missing torchvision, …) and progress bars while models load: a run refused after
@@ -705,7 +719,8 @@ def geneval(device="cpu", local_dir=None, *, strict: bool = False, detector=None
     colour rule looks at are classified.
 
     `detector`, `clip`, `processor` (CLIP's tokenizer and image pre-processing): hub ids, folders or objects;
-    `local_dir` (geneval@DIR) holds the detector in DIR/detector and CLIP with its processor in DIR/clip.
+    `local_dir` (geneval@DIR) holds the detector in DIR/detector and CLIP with its processor in DIR/clip. The
+    detector's label i must be COCO_CLASSES[i]: checked by its class names where its config has them.
     Images are segmented `batch_size` at a time with the short side resized to `size` (GenEval's 800)."""
     tf = _transformers()
     if local_dir:
@@ -736,10 +751,10 @@ def geneval(device="cpu", local_dir=None, *, strict: bool = False, detector=None
                           "--reward geneval@DIR, or choose another reward")
     clip_dir = sources["clip"][1] if isinstance(sources["clip"][1], (str, os.PathLike)) else None
     det, clip = models["detector"], models["clip"]
-    if det.config.num_labels != len(COCO_CLASSES):
-        raise RewardError(f"reward 'geneval': the detector has {det.config.num_labels} classes, not COCO's "
-                          f"{len(COCO_CLASSES)} object classes: give a COCO instance-segmentation Mask2Former "
-                          f"such as {GENEVAL_DETECTOR}")
+    if det.config.num_labels != len(COCO_CLASSES) or _coco_mismatch(det.config.id2label):
+        raise RewardError(f"reward 'geneval': the detector's classes are not COCO's 80 object classes in COCO's "
+                          f"order ({det.config.num_labels} classes{_coco_mismatch(det.config.id2label)}): give a COCO "
+                          f"instance-segmentation Mask2Former such as {GENEVAL_DETECTOR}")
     with _quiet_loading():
         processor = _pretrained(tf.AutoProcessor, processor or (clip_dir if _has_processor(clip_dir) else GENEVAL_CLIP),
                                 "geneval")

@@ -519,6 +519,27 @@ def test_geneval_detections_match_transformers_postprocessing(geneval_dir):
         assert o.box == (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
 
 
+def test_geneval_refuses_a_detector_without_cocos_classes_in_order(geneval_dir, clip_dir):
+    """A detector whose class names are COCO's in COCO's order loads (other codebases' spellings too: 'mouse',
+    'hair dryer'); one with two classes swapped, or without 80 classes, is a one-line RewardError."""
+    import copy
+
+    _, model = geneval_dir
+    names = [{"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard",
+              "hair drier": "hair dryer"}.get(c, c) for c in reward.COCO_CLASSES]
+    detector = copy.deepcopy(model)
+    detector.config.id2label = dict(enumerate(names))
+    reward.geneval("cpu", detector=detector, clip=clip_dir[1], processor=clip_dir[0])
+    names[15], names[16] = names[16], names[15]
+    detector.config.id2label = dict(enumerate(names))
+    with pytest.raises(reward.RewardError, match="class 15 is 'dog', COCO's is 'cat'") as e:
+        reward.geneval("cpu", detector=detector, clip=clip_dir[1], processor=clip_dir[0])
+    assert "\n" not in str(e.value)
+    detector.config.id2label = {i: f"LABEL_{i}" for i in range(133)}  # e.g. a COCO panoptic model
+    with pytest.raises(reward.RewardError, match="133 classes"):
+        reward.geneval("cpu", detector=detector, clip=clip_dir[1], processor=clip_dir[0])
+
+
 def test_geneval_refuses_prompts_without_metadata_before_the_run(geneval_dir, tmp_path, capsys):
     """`--reward geneval@DIR` with plain-text prompts stops once the models are loaded, before the run: one line
     that says to use --prompts geneval, exit code 2."""
