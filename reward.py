@@ -27,11 +27,14 @@ so `import reward` is cheap.
 | ocr | 1 − edit distance between the text read and the prompt's quoted text (rapidocr, offline) | [0, 1] |
 | pickscore | PickScore_v1: logit_scale·cos(image, prompt) ÷ 26 | ≈ 0.7–0.9 |
 | aesthetic | LAION improved-aesthetic MLP on CLIP ViT-L/14 image embeddings ÷ 10 | ≈ 0.4–0.7 |
+| geneval | GenEval's rules on Mask2Former instances, CLIP ViT-L/14 colours: Flow-GRPO's partial credit | [0, 1] |
+| geneval_strict | the same rules, exact 0/1: every object count exact, every colour and position right | {0, 1} |
 """
 from __future__ import annotations
 
 import inspect
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -438,6 +441,408 @@ def aesthetic(device="cpu", local_dir=None, *, clip=None, processor=None, head=N
     return fn
 
 
+# ----------------------------------------------------------------------------------------------------
+# GenEval: object presence, counts, colours and positions, checked on an instance segmenter's output
+# ----------------------------------------------------------------------------------------------------
+# GenEval (Ghosh et al., 2023) scores an image by rules on detected objects. The rules below are a pure
+# function of the detections (boxes, class names, scores, colours), so tests check them on hand-built
+# detections; the models only produce the detections (geneval_instances) and colours (masked_crop → CLIP).
+GENEVAL_DETECTOR = "facebook/mask2former-swin-small-coco-instance"  # GenEval's detector family, see geneval()
+GENEVAL_CLIP = "openai/clip-vit-large-patch14"  # GenEval's colour classifier (open_clip's ViT-L-14 'openai')
+GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
+# The 80 COCO object classes in the order of every COCO-trained 80-class head (label i is COCO_CLASSES[i]).
+# Three are named as a prompt says them (COCO: mouse, remote, keyboard), as GenEval's prompts do.
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+
+@dataclasses.dataclass
+class Detection:
+    """One object found in an image: its COCO class name, box (x0, y0, x1, y1) in pixels (x to the right, y
+    down, x1 and y1 exclusive), the detector's confidence in [0, 1], and the colour of its masked crop (None
+    where no rule asks for it). `mask` (H, W) bool is the segment the colour is read from; rules never use it."""
+
+    label: str
+    box: tuple[float, float, float, float]
+    score: float
+    color: str | None = None
+    mask: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes (0 when either is empty)."""
+    iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(iw, 0) * max(ih, 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def geneval_objects(detections: list[Detection], tag: str, threshold: float = 0.3, counting_threshold: float = 0.9,
+                    max_objects: int = 16, max_overlap: float = 1.0) -> dict[str, list[Detection]]:
+    """GenEval's rule for which detections are objects: {class: [objects, most confident first]}.
+
+    Per class: the detections scoring above `threshold`, or above `counting_threshold` for a counting prompt (a
+    doubtful extra object would turn a right count wrong), the best `max_objects` of them, then greedy
+    suppression: an object is dropped when its box overlaps one already kept with IoU ≥ `max_overlap`. GenEval's
+    defaults are these values; max_overlap = 1 keeps every object (instance masks already split overlapping ones)."""
+    cut = counting_threshold if tag == "counting" else threshold
+    out: dict[str, list[Detection]] = {}
+    for label in dict.fromkeys(d.label for d in detections):  # classes in order of first appearance
+        ranked = sorted((d for d in detections if d.label == label and d.score > cut), key=lambda d: -d.score)
+        kept: list[Detection] = []
+        for d in ranked[:max_objects]:
+            if max_overlap >= 1 or all(box_iou(d.box, k.box) < max_overlap for k in kept):
+                kept.append(d)
+        if kept:
+            out[label] = kept
+    return out
+
+
+def relative_position(box_a, box_b, margin: float = 0.1) -> set[str]:
+    """Where box A lies relative to box B, by GenEval's rule, as a subset of GENEVAL_RELATIONS.
+
+    With c the box centres and s = (width_A + width_B, height_A + height_B): o = c_A − c_B, shrunk towards 0 by
+    margin·s per axis, o' = sign(o)·max(|o| − margin·s, 0); if o' = 0 (|o'| < 1e-3 on both axes) the boxes are
+    too close for any relation; else (dx, dy) = o'/|o| and A is 'left of' B when dx < −½, 'right of' when dx > ½,
+    'above' when dy < −½, 'below' when dy > ½ (y grows downwards). Two relations at once are possible (diagonal)."""
+    a, b = np.asarray(box_a, dtype=float), np.asarray(box_b, dtype=float)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    span = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
+    shrunk = np.sign(offset) * np.maximum(np.abs(offset) - margin * span, 0)
+    if np.all(np.abs(shrunk) < 1e-3):
+        return set()
+    dx, dy = shrunk / np.linalg.norm(offset)
+    return {rel for rel, on in zip(GENEVAL_RELATIONS, (dx < -0.5, dx > 0.5, dy < -0.5, dy > 0.5)) if on}
+
+
+def _related(found: list[Detection], targets: list[Detection] | None, relation: str, margin: float) -> bool:
+    """Every object of `found` stands in `relation` to every target (False when the targets failed: None)."""
+    return targets is not None and all(relation in relative_position(o.box, t.box, margin)
+                                       for o in found for t in targets)
+
+
+def geneval_check(objects: dict[str, list[Detection]], metadata: dict, margin: float = 0.1) -> tuple[bool, bool, float]:
+    """GenEval's rules on the objects of one image (geneval_objects) for one prompt's metadata:
+    {'tag': category, 'include': [{'class', 'count', 'color'?, 'position'?: [relation, index]}], 'exclude'?: [...]}.
+    Returns (correct, exact, partial):
+
+    correct   GenEval's benchmark rule: every include has ≥ count objects of its class; the `count` most
+              confident of them all have its colour; each of them stands in `relation` to every object matched
+              by include[index] (which must itself have passed); every exclude has < count objects.
+    exact     Flow-GRPO's strict reward: the same, but each count must be exact (all objects of the class
+              count, so their colours and positions too).
+    partial   Flow-GRPO's partial credit: the mean over the prompt's checks of one term each, per include:
+              count, max(0, 1 − |count − n|/count) for n objects found; colour, k/count for k objects of the
+              colour (0 if the count is wrong); position, 1 if it holds, else 0 (0 if the count is wrong).
+              Two departures from Flow-GRPO's reward server, both to keep R in [0, 1] as VGPO's ω = Q/mean(Q)
+              needs: the count term is clamped at 0 (there 1 − |1 − 3|/1 = −1 for three objects instead of
+              one), and a failed position check is one 0 (there a 0 and a 1, so a wrong relation still paid ⅔)."""
+    correct = exact = True
+    loose: list[list[Detection] | None] = []  # objects each include matched under each rule, None if it failed
+    tight: list[list[Detection] | None] = []
+    terms: list[float] = []
+    for req in metadata.get("include", []):
+        want, color, pos = int(req["count"]), req.get("color"), req.get("position")
+        # GenEval's rule: the `want` most confident objects
+        found = objects.get(req["class"], [])[:want]
+        ok = len(found) == want and (color is None or all(o.color == color for o in found))
+        ok = ok and (pos is None or _related(found, loose[pos[1]], pos[0], margin))
+        loose.append(found if ok else None)
+        correct &= ok
+        # the exact rule and its partial credit: all objects of the class
+        found = objects.get(req["class"], [])
+        ok = len(found) == want
+        terms.append(max(0.0, 1 - abs(want - len(found)) / want))
+        if color is not None:
+            k = sum(o.color == color for o in found) if ok else 0
+            terms.append(k / want)
+            ok = ok and k == want
+        if pos is not None:
+            ok = ok and _related(found, tight[pos[1]], pos[0], margin)
+            terms.append(float(ok))
+        tight.append(found if ok else None)
+        exact &= ok
+    for req in metadata.get("exclude", []):  # "fewer than count": a counting prompt's "not one more"
+        if len(objects.get(req["class"], [])) >= int(req["count"]):
+            correct = exact = False
+    return correct, exact, sum(terms) / len(terms) if terms else 0.0
+
+
+def geneval_metadata_error(metadata) -> str | None:
+    """Why `metadata` is not a GenEval prompt's (see geneval_check), or None if it is one."""
+    if not isinstance(metadata, dict) or metadata.get("tag") not in GENEVAL_CATEGORIES:
+        return f"no 'tag' among {', '.join(GENEVAL_CATEGORIES)}"
+    include = metadata.get("include")
+    if not isinstance(include, list) or not include:
+        return "no 'include' list"
+    for i, req in enumerate(include + list(metadata.get("exclude", []))):
+        if not isinstance(req, dict) or req.get("class") not in COCO_CLASSES:
+            return f"class {req.get('class') if isinstance(req, dict) else req!r} is not one of the 80 COCO classes"
+        if not isinstance(req.get("count"), int) or req["count"] < 1:
+            return f"count {req.get('count')!r} of {req['class']!r} is not an integer ≥ 1"
+        if req.get("color", GENEVAL_COLORS[0]) not in GENEVAL_COLORS:
+            return f"colour {req['color']!r} is not one of {', '.join(GENEVAL_COLORS)}"
+        pos = req.get("position")
+        if pos is not None and not (isinstance(pos, (list, tuple)) and len(pos) == 2 and pos[0] in GENEVAL_RELATIONS
+                                    and isinstance(pos[1], int) and 0 <= pos[1] < i < len(include)):
+            return f"position {pos!r} is not [relation, index of an earlier include]"
+    return None
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what the detector was trained with
+
+
+@torch.no_grad()
+def geneval_instances(model, images: torch.Tensor, size: int = 800, max_size: int = 1333,
+                      min_score: float = 0.0) -> list[list[Detection]]:
+    """A Mask2Former instance segmenter's objects: (N, 3, H, W) in [0, 1] → per image, the candidate objects
+    scoring above `min_score`, each a Detection with its COCO class, score, box and (H, W) mask.
+
+    GenEval's test-time pipeline (mmdetection's Mask2Former), computed batched on the model's device: resize
+    so that the short side is `size` and the long side at most `max_size` (bilinear), normalise with ImageNet's
+    mean and std, zero-pad to a multiple of 32. Then, with p (Q, K) the softmax over K classes + 'no object'
+    of the Q queries, the Q most probable (query, class) pairs are the candidates; a candidate's mask is its
+    query's mask logits upsampled to the image, > 0; its score is p × the mean sigmoid of those logits inside
+    the mask (how sure the model is of the mask itself); its box is the mask's bounding box."""
+    device = next(model.parameters()).device
+    x = images.detach().to(device=device, dtype=torch.float32).clamp(0, 1)
+    h, w = x.shape[-2:]
+    scale = min(size / min(h, w), max_size / max(h, w))
+    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    x = (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ph, pw = -(-nh // 32) * 32, -(-nw // 32) * 32  # the backbone halves the size five times
+    out = model(pixel_values=F.pad(x, (0, pw - nw, 0, ph - nh)))  # padded with 0: the mean colour, as mmdetection
+    probs = out.class_queries_logits.float().softmax(-1)[..., :-1]  # (N, Q, K): the last class is 'no object'
+    n_queries, n_classes = probs.shape[1:]
+    cols, rows = torch.arange(w, device=device), torch.arange(h, device=device)
+    found = []
+    for p, logits in zip(probs, out.masks_queries_logits.float()):  # one image: (Q, K), (Q, h', w')
+        top, pair = p.flatten().topk(n_queries)
+        keep = top > min_score  # the score below is p × a quality ≤ 1: a pair with p ≤ min_score cannot pass
+        top, pair = top[keep], pair[keep]
+        # mask logits at the padded input's size, the padding cut off, then at the image's own size
+        m = F.interpolate(logits[pair // n_classes][None], size=(ph, pw), mode="bilinear", align_corners=False)
+        m = F.interpolate(m[:, :, :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[0]  # (k, H, W)
+        masks = m > 0
+        area = masks.flatten(1).sum(1)
+        scores = top * (m.sigmoid() * masks).flatten(1).sum(1) / area.clamp(min=1)
+        on_x, on_y = masks.any(1), masks.any(2)  # (k, W), (k, H): the columns and rows the mask covers
+        boxes = torch.stack([torch.where(on_x, cols, w).amin(1), torch.where(on_y, rows, h).amin(1),
+                             torch.where(on_x, cols + 1, 0).amax(1), torch.where(on_y, rows + 1, 0).amax(1)], 1)
+        found.append([Detection(COCO_CLASSES[int(c)], tuple(b), float(s), mask=mk) for c, b, s, mk, a in
+                      zip(pair % n_classes, boxes.tolist(), scores.tolist(), masks, area.tolist())
+                      if a > 0 and s > min_score])  # an empty mask is no object
+    return found
+
+
+GENEVAL_COLOR_TEMPLATES = ("a photo of a {color} {object}", "a photo of a {color}-colored {object}",
+                           "a photo of a {color} object")  # GenEval's zero-shot colour prompts
+
+
+def masked_crop(image: torch.Tensor, obj: Detection, background: float = 0.6) -> torch.Tensor:
+    """What GenEval shows CLIP to read an object's colour: the image, grey (#999999 = 0.6) outside the object's
+    mask, cropped to its box. (3, H, W) in [0, 1] → (3, y1 − y0, x1 − x0)."""
+    x0, y0, x1, y1 = (int(v) for v in obj.box)
+    img = image if obj.mask is None else torch.where(obj.mask.to(image.device), image, image.new_tensor(background))
+    return img[:, y0:y1, x0:x1]
+
+
+def _coco_mismatch(id2label: dict) -> str:
+    """'' if a detector's class names are COCO_CLASSES in order (or generic LABEL_i names), else the first
+    that is not. Spellings differ between codebases ('mouse', 'hair dryer'), so a name passes if, letters
+    only, it contains or is contained in ours or starts with the same five letters."""
+    names = {int(i): "".join(ch for ch in str(n).lower() if ch.isalpha()) for i, n in id2label.items()}
+    for i, ours in enumerate(COCO_CLASSES):
+        theirs, ours = names.get(i, ""), "".join(ch for ch in ours if ch.isalpha())
+        if theirs.startswith("label"):
+            return ""  # a model built from a config without names: nothing to compare
+        if not theirs or not (theirs in ours or ours in theirs or theirs[:5] == ours[:5]):
+            return f"; class {i} is {id2label.get(i, id2label.get(str(i)))!r}, COCO's is {COCO_CLASSES[i]!r}"
+    return ""
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' notes (a missing torchvision, …) and progress bars while models load: a run refused after
+    loading, for prompts the reward cannot score, ends with our one line alone."""
+    import logging
+
+    from transformers.utils import logging as tf_logging
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub")]
+    levels, bars = [lg.level for lg in loggers], tf_logging.is_progress_bar_enabled()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
+def geneval(device="cpu", local_dir=None, *, strict: bool = False, detector=None, clip=None, processor=None,
+            dtype=None, batch_size: int = 16, size: int = 800):
+    """GenEval's compositional rules (geneval_check) on the objects an instance segmenter finds, colours read by
+    CLIP. R = partial credit in [0, 1] (Flow-GRPO's training reward), or with `strict` (geneval_strict) the exact
+    0/1 score.
+
+    Which R to train on: Flow-GRPO trains on the partial credit (its GenEval result, 0.63 → 0.95, and the VGPO
+    paper's 0.96 come from it). It is dense (a count one off still pays), so fewer groups of G samples score all
+    alike than under the 0/1 score, and its count term charges every extra object, so unlike the toy world's
+    partial credit it cannot be raised by adding objects. `metrics` reports both, and GenEval's own benchmark
+    rule as `strict_accuracy` (mean over the six categories, as GenEval averages its tasks; per category as
+    'strict/<category>'); the exact rule is 'exact_accuracy' and 'exact/<category>'.
+
+    Detector: Mask2Former, Swin-S backbone, COCO instance segmentation (GENEVAL_DETECTOR), the architecture and
+    training data of GenEval's own detector (mmdetection's mask2former_swin-s COCO checkpoint: box AP 49.3, mask
+    AP 46.1). Its scores are class probability × mask quality, the scale GenEval's thresholds (0.3; 0.9 for
+    counting) were set on, and its masks give the colour step GenEval's masked crops. Of the others transformers
+    loads, RT-DETR-R50 has a higher box AP (53.1) and runs several times faster on a CPU, but has no masks and
+    scores on another scale; DETR-R50 (42.0) is less accurate; the open-vocabulary Grounding DINO-T (48.4
+    zero-shot) and OWLv2-B/16 are slower (results/geneval-detectors.md, `python -m tools.bench detectors`). Fidelity to
+    the benchmark the paper reports won over speed. Its cost on a GPU is not measured yet; VGPO scores T
+    previews per image, so it may matter there: `size` below trades GenEval's 800-px input for speed.
+
+    Colours: CLIP ViT-L/14 (GENEVAL_CLIP, the OpenAI weights GenEval loads through open_clip) on masked_crop of
+    each object, zero-shot over GENEVAL_COLORS: the class is argmax_c cos(image, t_c), t_c the renormalised mean
+    of the unit text embeddings of GENEVAL_COLOR_TEMPLATES for colour c and the object's class. Only objects a
+    colour rule looks at are classified.
+
+    `detector`, `clip`, `processor` (CLIP's tokenizer and image pre-processing): hub ids, folders or objects;
+    `local_dir` (geneval@DIR) holds the detector in DIR/detector and CLIP with its processor in DIR/clip. The
+    detector's label i must be COCO_CLASSES[i]: checked by its class names where its config has them.
+    Images are segmented `batch_size` at a time with the short side resized to `size` (GenEval's 800)."""
+    tf = _transformers()
+    if local_dir:
+        missing = [sub for sub in ("detector", "clip") if not os.path.isdir(os.path.join(local_dir, sub))]
+        if missing:
+            raise RewardUnavailable(
+                f"geneval@{local_dir}: the folder needs detector/ ({GENEVAL_DETECTOR}) and clip/ ({GENEVAL_CLIP}); "
+                f"{' and '.join(missing)}/ missing: `hf download {GENEVAL_DETECTOR} --local-dir "
+                f"{os.path.join(local_dir, 'detector')}`, `hf download {GENEVAL_CLIP} --local-dir "
+                f"{os.path.join(local_dir, 'clip')}`")
+        detector, clip = detector or os.path.join(local_dir, "detector"), clip or os.path.join(local_dir, "clip")
+    sources = {"detector": (tf.Mask2FormerForUniversalSegmentation, detector or GENEVAL_DETECTOR),
+               "clip": (tf.CLIPModel, clip or GENEVAL_CLIP)}
+    models, absent = {}, []
+    for key, (cls, source) in sources.items():  # both tried, so that one message names every download needed
+        try:
+            with _quiet_loading():
+                models[key] = _pretrained(cls, source, "geneval")
+        except RewardUnavailable:
+            if not isinstance(source, str) or os.path.isdir(source):
+                raise  # a folder that holds no model: its own message
+            absent.append(source)
+    if absent:
+        commands = " and ".join(f"`hf download {a}`" for a in absent)
+        raise RewardUnavailable(
+            f"reward 'geneval' needs {' and '.join(absent)} from the Hugging Face hub, neither in the local cache nor "
+            f"downloadable here: run {commands} where the hub is reachable (into the Hugging Face cache), or "
+            "download the detector into DIR/detector and CLIP into DIR/clip (`hf download ID --local-dir ...`) and "
+            "use --reward geneval@DIR, or choose another reward")
+    clip_dir = sources["clip"][1] if isinstance(sources["clip"][1], (str, os.PathLike)) else None
+    det, clip = models["detector"], models["clip"]
+    if det.config.num_labels != len(COCO_CLASSES) or _coco_mismatch(det.config.id2label):
+        raise RewardUnavailable(
+            f"reward 'geneval': the detector's classes are not COCO's 80 object classes in COCO's order "
+            f"({det.config.num_labels} classes{_coco_mismatch(det.config.id2label)}): give a COCO "
+            f"instance-segmentation Mask2Former such as {GENEVAL_DETECTOR}")
+    with _quiet_loading():
+        processor = _pretrained(tf.AutoProcessor, processor or (clip_dir if _has_processor(clip_dir) else GENEVAL_CLIP),
+                                "geneval")
+    dtype = dtype or _default_dtype(device)
+    # the detector in fp32 as in GenEval: its scores are compared with fixed thresholds
+    det = det.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    max_len = min(processor.tokenizer.model_max_length, clip.config.text_config.max_position_embeddings)
+    color_texts: dict[str, torch.Tensor] = {}  # class → (colours, D) zero-shot weights, computed once per class
+
+    @torch.no_grad()
+    def text_weights(label: str) -> torch.Tensor:
+        if label not in color_texts:
+            texts = [t.format(color=c, object=label) for c in GENEVAL_COLORS for t in GENEVAL_COLOR_TEMPLATES]
+            tok = processor.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
+                                      return_tensors="pt").to(device)
+            emb = clip.text_projection(clip.text_model(input_ids=tok.input_ids,
+                                                       attention_mask=tok.attention_mask).pooler_output).float()
+            emb = F.normalize(emb, dim=-1).view(len(GENEVAL_COLORS), len(GENEVAL_COLOR_TEMPLATES), -1)
+            color_texts[label] = F.normalize(emb.mean(1), dim=-1)
+        return color_texts[label]
+
+    @torch.no_grad()
+    def color_scores(crops: list[torch.Tensor], labels: list[str]) -> torch.Tensor:
+        """cos(crop's image embedding, t_c) for each crop (3, h, w) of an object of class labels[i]: (n, colours)."""
+        pixels = torch.cat([clip_pixels(c[None], processor, device, dtype) for c in crops])  # each crop its own resize
+        img = F.normalize(_image_embeds(clip, pixels), dim=-1)  # (n, D)
+        weights = torch.stack([text_weights(lb) for lb in labels])  # (n, colours, D)
+        return torch.einsum("nd,ncd->nc", img, weights)
+
+    def metadata_of(prompts, metadata) -> list[dict]:
+        metadata = list(metadata or [{}] * len(prompts))
+        bad = [(p, why) for p, m in zip(prompts, metadata) if (why := geneval_metadata_error(m))]
+        if bad:
+            raise RewardUnavailable(
+                f"reward 'geneval' scores a prompt by its GenEval metadata (a .jsonl row with tag and include: "
+                f"[{{class, count, color?, position?}}]) and {len(bad)} prompt(s) have none or a bad one "
+                f"(e.g. {bad[0][0]!r}: {bad[0][1]}): use --prompts geneval")
+        return metadata
+
+    def evaluate(images, prompts, metadata) -> list[dict]:
+        """Per image {'correct', 'exact', 'partial', 'objects'}: geneval_check's three results and the objects
+        they were computed on (geneval_objects, colours filled in where a rule reads them)."""
+        metas, results = metadata_of(prompts, metadata), []
+        for s in range(0, len(images), batch_size):  # bounded memory whatever the caller's batch
+            batch, batch_metas = images[s : s + batch_size], metas[s : s + batch_size]
+            found = geneval_instances(det, batch, size, min_score=0.3)  # geneval_objects' lowest threshold
+            objects = [geneval_objects(f, m["tag"]) for f, m in zip(found, batch_metas)]
+            need = [(img, o) for img, objs, m in zip(batch, objects, batch_metas)
+                    for cls in dict.fromkeys(r["class"] for r in m["include"] if "color" in r)
+                    for o in objs.get(cls, [])]
+            if need:
+                best = color_scores([masked_crop(img, o) for img, o in need], [o.label for _, o in need]).argmax(-1)
+                for (_, o), i in zip(need, best.tolist()):
+                    o.color = GENEVAL_COLORS[i]
+            for objs, m in zip(objects, batch_metas):
+                correct, exact, partial = geneval_check(objs, m)
+                results.append({"correct": correct, "exact": exact, "partial": partial, "objects": objs})
+        return results
+
+    def fn(images, prompts, metadata):
+        key = "exact" if strict else "partial"
+        return torch.tensor([float(r[key]) for r in evaluate(images, prompts, metadata)], dtype=torch.float32)
+
+    def metrics(images, prompts, metadata):
+        results = evaluate(images, prompts, metadata)
+        cats = np.array([m["tag"] for m in metadata_of(prompts, metadata)])
+        table = {k: np.array([float(r[k]) for r in results]) for k in ("correct", "exact", "partial")}
+        out = {"score": float(table["exact" if strict else "partial"].mean()),
+               "partial_credit": float(table["partial"].mean())}
+        for name, key in (("strict", "correct"), ("exact", "exact")):
+            per_cat = {c: float(table[key][cats == c].mean()) for c in GENEVAL_CATEGORIES if (cats == c).any()}
+            out[f"{name}_accuracy"] = float(np.mean(list(per_cat.values())))  # GenEval: the mean over categories
+            out.update({f"{name}/{c}": v for c, v in per_cat.items()})
+        return out
+
+    fn.metrics, fn.evaluate, fn.color_scores = metrics, evaluate, color_scores
+    fn.check_prompts = lambda pairs: metadata_of([p for p, _ in pairs], [m for _, m in pairs])
+    return fn
+
+
 REWARDS = {
     "shapes": shapes_reward,
     # GenEval's strict 0/1 score alone: sparse, so many groups are all-0 or all-1 (reward-diversity depletion)
@@ -446,6 +851,9 @@ REWARDS = {
     "ocr": ocr,
     "pickscore": pickscore,
     "aesthetic": aesthetic,
+    "geneval": geneval,
+    # the exact 0/1 score: sparse, as shapes_strict; geneval's partial credit is Flow-GRPO's training reward
+    "geneval_strict": lambda device="cpu", local_dir=None: geneval(device, local_dir, strict=True),
 }
 
 

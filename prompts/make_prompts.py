@@ -6,16 +6,25 @@ ocr_{train,test}.jsonl         text-rendering prompts, {"prompt": ..., "text": t
                                reward looks for}; the test texts never occur in training
 preference_{train,test}.txt    varied scenes for PickScore / aesthetic rewards, one prompt per line;
                                no (subject, setting) pair of the test set occurs in training
+geneval_{train,test}.jsonl     GenEval's six categories over the 80 COCO classes, with GenEval's metadata
+                               {"prompt", "tag", "include": [{"class", "count", "color"?, "position"?}],
+                               "exclude"?}; split by scene: a scene phrased two ways ("a cat left of a dog",
+                               "a dog right of a cat") is one scene, in one split
 
 Every word list and template below was written for this project.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root: class and colour names are the geneval reward's
+from reward import COCO_CLASSES, GENEVAL_COLORS  # noqa: E402
+
 SEED = 0
 
 # ---- OCR: where the text appears, and what it says ----
@@ -151,16 +160,95 @@ def preference_sets(rng: random.Random) -> tuple[list[str], list[str]]:
     return prompts[PREFERENCE_TEST:], prompts[:PREFERENCE_TEST]
 
 
+# ---- GenEval-style prompts: scenes of GenEval's six categories, each written one of several equivalent ways ----
+# Scenes per category in the test set (GenEval's own has 553 prompts: all 80 single objects and ~100 of each other
+# category) and in the training set (Flow-GRPO trains on prompts of GenEval's generator). Single objects are
+# split in half, so both splits have some; counting has 80 × 3 scenes in all.
+GENEVAL_TEST = dict(single_object=40, two_object=100, counting=80, colors=100, position=100, color_attr=100)
+GENEVAL_TRAIN = dict(single_object=40, two_object=800, counting=160, colors=600, position=1000, color_attr=1000)
+NUMBERS = {2: "two", 3: "three", 4: "four"}  # GenEval counts 2 to 4
+PLURALS = {"person": "people", "sheep": "sheep", "knife": "knives", "computer mouse": "computer mice"}
+PAIRS = ("skis", "scissors")  # one of them is "a pair of ..."
+OPENINGS = ("a photo of", "an image of", "a picture of")  # training prompts vary; test prompts open as GenEval's
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _one(name: str, color: str | None = None) -> str:
+    """'a red car', 'an umbrella', 'a pair of blue skis'."""
+    if name in PAIRS:
+        return f"a pair of {color + ' ' if color else ''}{name}"
+    phrase = f"{color} {name}" if color else name
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _plural(name: str) -> str:
+    if name in PAIRS:
+        return f"pairs of {name}"
+    return PLURALS.get(name) or name + ("es" if name.endswith(("s", "sh", "ch", "x")) else "s")
+
+
+def geneval_scenes() -> dict[str, list[tuple]]:
+    """Every scene of each category, once: a scene is what a prompt means, whatever its wording."""
+    uncoloured = [c for c in COCO_CLASSES if c != "person"]  # as GenEval: a person's colour is no one thing
+    return {
+        "single_object": [(c,) for c in COCO_CLASSES],
+        "two_object": list(itertools.combinations(COCO_CLASSES, 2)),
+        "counting": [(c, n) for c in COCO_CLASSES for n in NUMBERS],
+        "colors": [(c, k) for c in uncoloured for k in GENEVAL_COLORS],
+        # A left of B is B right of A: each scene is stored once, with 'left of' or 'above'
+        "position": [(a, rel, b) for a, b in itertools.permutations(COCO_CLASSES, 2) for rel in ("left of", "above")],
+        "color_attr": [(a, ka, b, kb) for a, b in itertools.combinations(uncoloured, 2)
+                       for ka, kb in itertools.permutations(GENEVAL_COLORS, 2)],
+    }
+
+
+def geneval_row(tag: str, scene: tuple, rng: random.Random, opening: str) -> dict:
+    """One prompt with GenEval's metadata for `scene`, in a wording `rng` picks among the equivalent ones
+    (the order of two objects; 'A left of B' or 'B right of A')."""
+    if tag == "single_object":
+        (c,) = scene
+        return {"prompt": f"{opening} {_one(c)}", "tag": tag, "include": [{"class": c, "count": 1}]}
+    if tag == "counting":
+        c, n = scene
+        return {"prompt": f"{opening} {NUMBERS[n]} {_plural(c)}", "tag": tag, "include": [{"class": c, "count": n}],
+                "exclude": [{"class": c, "count": n + 1}]}
+    if tag == "colors":
+        c, k = scene
+        return {"prompt": f"{opening} {_one(c, k)}", "tag": tag, "include": [{"class": c, "count": 1, "color": k}]}
+    if tag == "position":
+        a, rel, b = scene if rng.random() < 0.5 else (scene[2], OPPOSITE[scene[1]], scene[0])
+        # GenEval's layout: the reference object first, the placed one says where it is relative to include[0]
+        return {"prompt": f"{opening} {_one(a)} {rel} {_one(b)}", "tag": tag,
+                "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}]}
+    parts = [(scene[0], None), (scene[1], None)] if tag == "two_object" else [scene[:2], scene[2:]]
+    rng.shuffle(parts)
+    words = [_one(c, k) for c, k in parts]
+    include = [{"class": c, "count": 1, **({"color": k} if k else {})} for c, k in parts]
+    return {"prompt": f"{opening} {words[0]} and {words[1]}", "tag": tag, "include": include}
+
+
+def geneval_sets(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    train, test = [], []
+    for tag, scenes in geneval_scenes().items():
+        chosen = rng.sample(scenes, GENEVAL_TEST[tag] + GENEVAL_TRAIN[tag])  # distinct scenes: the split is by meaning
+        test += [geneval_row(tag, s, rng, "a photo of") for s in chosen[: GENEVAL_TEST[tag]]]
+        train += [geneval_row(tag, s, rng, rng.choice(OPENINGS)) for s in chosen[GENEVAL_TEST[tag] :]]
+    rng.shuffle(train)
+    return train, test
+
+
 def build() -> dict[str, str]:
     """File name → content of every prompt set."""
     rng = random.Random(SEED)
     ocr_train, ocr_test = ocr_sets(rng)
     pref_train, pref_test = preference_sets(rng)
+    geneval_train, geneval_test = geneval_sets(random.Random(SEED))  # its own stream: the sets above stay as they were
     jsonl = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
     return {
         "ocr_train.jsonl": jsonl(ocr_train), "ocr_test.jsonl": jsonl(ocr_test),
         "preference_train.txt": "".join(p + "\n" for p in pref_train),
         "preference_test.txt": "".join(p + "\n" for p in pref_test),
+        "geneval_train.jsonl": jsonl(geneval_train), "geneval_test.jsonl": jsonl(geneval_test),
     }
 
 

@@ -291,3 +291,322 @@ def test_shapes_reward_rejects_prompts_outside_the_grammar_before_the_run():
     fn.check_prompts([("a red circle", {}), ("three blue squares", {})])  # prompts of the grammar pass
     with pytest.raises(reward.RewardUnavailable, match="'a green triangle above a red circle' is not a prompt"):
         fn.check_prompts([("a red circle", {}), ("a green triangle above a red circle", {})])
+
+
+# ---------------------------------------------------------------------------------------------------
+# GenEval: the rules on hand-built detections, the whole reward on random-weight models, the prompt sets
+# ---------------------------------------------------------------------------------------------------
+BOX = (0, 0, 9, 9)  # where the rule under test does not look at boxes
+
+
+def det(label, box, score=0.95, color=None):
+    return reward.Detection(label, box, score, color)
+
+
+CAT = {"tag": "single_object", "include": [{"class": "cat", "count": 1}]}
+THREE_CATS = {"tag": "counting", "include": [{"class": "cat", "count": 3}], "exclude": [{"class": "cat", "count": 4}]}
+RED_CAT = {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}]}
+CAT_LEFT_OF_DOG = {"tag": "position", "include": [{"class": "dog", "count": 1},
+                                                   {"class": "cat", "count": 1, "position": ["left of", 0]}]}
+RED_CAT_BLUE_DOG = {"tag": "color_attr", "include": [{"class": "cat", "count": 1, "color": "red"},
+                                                      {"class": "dog", "count": 1, "color": "blue"}]}
+
+
+def test_geneval_objects_threshold_cap_and_overlap():
+    """GenEval keeps, per class, detections scoring > 0.3 (> 0.9 for counting prompts), the 16 best, most
+    confident first; max_overlap < 1 drops a box overlapping a kept one of its class with IoU ≥ max_overlap."""
+    dets = [det("cat", (0, 0, 10, 10), 0.3), det("cat", (20, 0, 30, 10), 0.31), det("dog", (0, 0, 5, 5), 0.95),
+            det("cat", (40, 0, 50, 10), 0.9), det("cat", (60, 0, 70, 10), 0.91)]
+    kept = reward.geneval_objects(dets, "single_object")
+    assert [d.score for d in kept["cat"]] == [0.91, 0.9, 0.31] and len(kept["dog"]) == 1  # 0.3 itself is out
+    assert [d.score for d in reward.geneval_objects(dets, "counting")["cat"]] == [0.91]
+    many = [det("cat", (i, 0, i + 1, 1), 0.4 + i / 100) for i in range(20)]
+    best16 = [0.4 + i / 100 for i in range(19, 3, -1)]
+    assert [d.score for d in reward.geneval_objects(many, "single_object")["cat"]] == best16
+    # IoU of (0,0,10,10) and (5,0,15,10) is 50/150 = ⅓; (0,0,10,10) and (0,0,10,9) 0.9
+    a, b, c = det("cat", (0, 0, 10, 10), 0.9), det("cat", (5, 0, 15, 10), 0.8), det("cat", (0, 0, 10, 9), 0.7)
+    assert reward.box_iou(a.box, b.box) == pytest.approx(1 / 3) and reward.box_iou(a.box, c.box) == pytest.approx(0.9)
+    assert reward.geneval_objects([a, b, c], "two_object")["cat"] == [a, b, c]  # GenEval's default: no suppression
+    assert reward.geneval_objects([a, b, c], "two_object", max_overlap=0.5)["cat"] == [a, b]
+    assert reward.geneval_objects([a, b, c], "two_object", max_overlap=0.3)["cat"] == [a]
+
+
+def test_relative_position_from_box_centres_with_margin():
+    """A's relation to B from the centre offset o shrunk by 0.1·(sum of the two sizes) per axis, over |o|:
+    'left of' when < −½ on x, 'above' when < −½ on y (y down); inside the margin no relation at all."""
+    rel = reward.relative_position
+    box = (0, 0, 10, 10)
+    assert rel(box, (100, 0, 110, 10)) == {"left of"} and rel((100, 0, 110, 10), box) == {"right of"}
+    assert rel(box, (0, 50, 10, 60)) == {"above"} and rel((0, 50, 10, 60), box) == {"below"}
+    # offset (−10, −10), sizes 20 per axis: shrunk (−8, −8), ÷ |o| = 14.1 → −0.57 on both: left of and above
+    assert rel(box, (10, 10, 20, 20)) == {"left of", "above"}
+    # offset (−10, −4): shrunk (−8, −2), ÷ 10.8 → (−0.74, −0.19): left of only
+    assert rel(box, (10, 4, 20, 14)) == {"left of"}
+    # centres 1.5 apart on x, margin 0.1·20 = 2: no relation; without the margin, 'left of'
+    assert rel(box, (1.5, 0, 11.5, 10)) == set() and rel(box, (1.5, 0, 11.5, 10), margin=0) == {"left of"}
+    # 3 apart: shrunk to 1 of 3, 0.33 < ½: still none; 5 apart: 3 of 5 = 0.6: left of
+    assert rel(box, (3, 0, 13, 10)) == set() and rel(box, (5, 0, 15, 10)) == {"left of"}
+
+
+@pytest.mark.parametrize("meta, objects, want", [
+    # presence: one cat asked
+    (CAT, {}, (False, False, 0.0)),
+    (CAT, {"dog": [det("dog", (0, 0, 9, 9))]}, (False, False, 0.0)),
+    (CAT, {"cat": [det("cat", (0, 0, 9, 9))]}, (True, True, 1.0)),
+    # GenEval accepts extra cats; the exact rule does not, and the count term 1 − |1 − n| is clamped at 0
+    (CAT, {"cat": [det("cat", (0, 0, 9, 9)), det("cat", (20, 0, 29, 9))]}, (True, False, 0.0)),
+    (CAT, {"cat": [det("cat", (0, 0, 9, 9))] * 3}, (True, False, 0.0)),
+    # counting: three, and not four (the exclude clause)
+    (THREE_CATS, {"cat": [det("cat", (0, 0, 9, 9))] * 3}, (True, True, 1.0)),
+    (THREE_CATS, {"cat": [det("cat", (0, 0, 9, 9))] * 2}, (False, False, 2 / 3)),
+    (THREE_CATS, {"cat": [det("cat", (0, 0, 9, 9))] * 4}, (False, False, 2 / 3)),
+    # colour: terms count, colour
+    (RED_CAT, {"cat": [det("cat", (0, 0, 9, 9), color="red")]}, (True, True, 1.0)),
+    (RED_CAT, {"cat": [det("cat", (0, 0, 9, 9), color="blue")]}, (False, False, 0.5)),
+    # GenEval reads the colour of the most confident cat only; the exact rule fails on the count
+    (RED_CAT, {"cat": [det("cat", (0, 0, 9, 9), 0.9, "red"), det("cat", (20, 0, 29, 9), 0.5, "blue")]},
+     (True, False, 0.0)),
+    (RED_CAT, {"cat": [det("cat", (0, 0, 9, 9), 0.9, "blue"), det("cat", (20, 0, 29, 9), 0.5, "red")]},
+     (False, False, 0.0)),
+    # position: terms dog count, cat count, cat left of dog
+    (CAT_LEFT_OF_DOG, {"cat": [det("cat", (0, 0, 10, 10))], "dog": [det("dog", (100, 0, 110, 10))]},
+     (True, True, 1.0)),
+    (CAT_LEFT_OF_DOG, {"cat": [det("cat", (100, 0, 110, 10))], "dog": [det("dog", (0, 0, 10, 10))]},
+     (False, False, 2 / 3)),
+    (CAT_LEFT_OF_DOG, {"cat": [det("cat", (0, 0, 10, 10))], "dog": [det("dog", (1.5, 0, 11.5, 10))]},
+     (False, False, 2 / 3)),  # within the margin
+    (CAT_LEFT_OF_DOG, {"cat": [det("cat", BOX)]}, (False, False, 1 / 3)),  # no dog to be left of
+    # colour attribution: terms cat count, cat colour, dog count, dog colour
+    (RED_CAT_BLUE_DOG, {"cat": [det("cat", BOX, color="red")], "dog": [det("dog", BOX, color="blue")]},
+     (True, True, 1.0)),
+    (RED_CAT_BLUE_DOG, {"cat": [det("cat", BOX, color="blue")], "dog": [det("dog", BOX, color="red")]},
+     (False, False, 0.5)),
+])
+def test_geneval_rules_on_hand_built_detections(meta, objects, want):
+    """geneval_check → (GenEval's benchmark rule, Flow-GRPO's exact rule, partial credit), computed by hand."""
+    correct, exact, partial = reward.geneval_check(objects, meta)
+    assert (correct, exact) == want[:2] and partial == pytest.approx(want[2])
+
+
+def test_geneval_metadata_errors_are_one_line():
+    """Prompts without GenEval metadata, or with a class, count, colour or position GenEval does not know, are
+    named with the reason; a prompt set's rows all pass."""
+    assert reward.geneval_metadata_error(CAT_LEFT_OF_DOG) is None
+    for meta, needle in [({}, "tag"), ({"tag": "colors"}, "include"),
+                         ({"tag": "colors", "include": [{"class": "unicorn", "count": 1}]}, "COCO"),
+                         ({"tag": "counting", "include": [{"class": "cat", "count": 0}]}, "count"),
+                         ({"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "teal"}]}, "colour"),
+                         ({"tag": "position", "include": [{"class": "cat", "count": 1, "position": ["near", 0]}]},
+                          "position")]:
+        assert needle in reward.geneval_metadata_error(meta)
+
+
+@pytest.fixture(scope="module")
+def geneval_dir(tmp_path_factory, clip_dir):
+    """A folder as `--reward geneval@DIR` expects: detector/ holds a tiny random Mask2Former with COCO's 80
+    classes, biased towards cats and dogs with confident masks so that objects are found (scores ≈ 0.3–0.6);
+    clip/ the tiny random CLIP and its processor."""
+    import shutil
+
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    torch.manual_seed(0)
+    swin = dict(model_type="swin", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(num_labels=80, backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                            encoder_feedforward_dim=64, dim_feedforward=64, encoder_layers=1, decoder_layers=2,
+                            num_attention_heads=2, num_queries=10)
+    model = Mask2FormerForUniversalSegmentation(cfg).eval()
+    with torch.no_grad():
+        head = model.class_predictor
+        head.weight.mul_(3)
+        head.bias.zero_()
+        head.bias[[reward.COCO_CLASSES.index("cat"), reward.COCO_CLASSES.index("dog")]] = 8.0
+        last = [m for m in model.model.transformer_module.decoder.mask_predictor.mask_embedder.modules()
+                if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(5)  # larger mask logits: masks the model is sure of, mask quality near 1
+    folder = tmp_path_factory.mktemp("geneval")
+    model.save_pretrained(folder / "detector")
+    shutil.copytree(clip_dir[0], folder / "clip")
+    return str(folder), model
+
+
+def geneval_metas():
+    dog_cat = [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}]
+    return [CAT, {"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}]},
+            THREE_CATS, RED_CAT, {"tag": "position", "include": dog_cat}, RED_CAT_BLUE_DOG]
+
+
+def test_geneval_reward_end_to_end_on_random_models(geneval_dir, clip_dir):
+    """geneval@DIR on random models: R (N,) float32 in [0, 1], the rules' partial credit of the objects found
+    (geneval_strict: the exact 0/1 score); deterministic; metrics give GenEval's accuracy as the mean over
+    categories; every colour read is CLIP's zero-shot argmax, as transformers' CLIPModel computes it."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    folder, _ = geneval_dir
+    fn = reward.geneval("cpu", folder, size=96)
+    strict_fn = reward.geneval("cpu", folder, strict=True, size=96)
+    images = (smooth_images(12, 96, 96, seed=3) * 255).round() / 255  # 8-bit values: the PIL route below is exact
+    metas = geneval_metas() * 2
+    prompts = [f"prompt {i}" for i in range(12)]
+    r = fn(images, prompts, metas)
+    assert r.shape == (12,) and r.dtype == torch.float32 and ((r >= 0) & (r <= 1)).all()
+    torch.testing.assert_close(fn(images, prompts, metas), r, rtol=0, atol=0)
+    results = fn.evaluate(images, prompts, metas)
+    assert sum(len(objs) for res in results for objs in res["objects"].values()) > 0  # the detector found objects
+    for res, meta, ri in zip(results, metas, r.tolist()):
+        assert (res["correct"], res["exact"], res["partial"]) == reward.geneval_check(res["objects"], meta)
+        assert ri == pytest.approx(res["partial"])
+    torch.testing.assert_close(strict_fn(images, prompts, metas), torch.tensor([float(x["exact"]) for x in results]))
+    m = fn.metrics(images, prompts, metas)
+    assert {"score", "partial_credit", "strict_accuracy", "exact_accuracy"} <= set(m)
+    assert {f"strict/{c}" for c in reward.GENEVAL_CATEGORIES} <= set(m)
+    assert m["score"] == pytest.approx(r.mean().item()) and m["partial_credit"] == m["score"]
+    assert m["strict_accuracy"] == pytest.approx(np.mean([m[f"strict/{c}"] for c in reward.GENEVAL_CATEGORIES]))
+    # the colours: the argmax over colours c of cos(image embedding, t_c), t_c the renormalised mean of the unit
+    # text embeddings of the three prompts for c; the cosines as the processor's PIL route and CLIPModel compute them
+    processor, clip = AutoProcessor.from_pretrained(clip_dir[0]), clip_dir[1]
+    coloured = [(img, o) for img, res in zip(images, results) for objs in res["objects"].values() for o in objs
+                if o.color is not None]
+    assert coloured, "no colour was read"
+    for img, o in coloured:
+        crop = reward.masked_crop(img, o)
+        pil = Image.fromarray((crop.permute(1, 2, 0) * 255).round().byte().numpy())
+        texts = [t.format(color=c, object=o.label) for c in reward.GENEVAL_COLORS
+                 for t in reward.GENEVAL_COLOR_TEMPLATES]
+        inputs = processor(text=texts, images=pil, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = clip(**inputs)
+        weights = torch.nn.functional.normalize(out.text_embeds.view(10, 3, -1).mean(1), dim=-1)
+        mine = fn.color_scores([crop], [o.label])[0]
+        torch.testing.assert_close(mine, weights @ out.image_embeds[0], atol=2e-3, rtol=0)
+        assert o.color == reward.GENEVAL_COLORS[int(mine.argmax())]
+
+
+def test_masked_crop_greys_out_the_background():
+    """The colour is read from the object's box, grey #999999 (0.6) wherever its mask is off."""
+    image = torch.zeros(3, 8, 10)
+    image[0] = 1.0  # all red
+    mask = torch.zeros(8, 10, dtype=torch.bool)
+    mask[2:5, 3:6] = True
+    mask[4, 7] = True  # a second piece: the box spans both
+    crop = reward.masked_crop(image, reward.Detection("cat", (3, 2, 8, 5), 0.9, mask=mask))
+    assert crop.shape == (3, 3, 5)
+    want = torch.full((3, 3, 5), 0.6)
+    want[:, :, :3] = torch.tensor([1.0, 0, 0]).view(3, 1, 1)
+    want[:, 2, 4] = torch.tensor([1.0, 0, 0])
+    torch.testing.assert_close(crop, want)
+
+
+def test_geneval_detections_match_transformers_postprocessing(geneval_dir):
+    """geneval_instances' objects (class, score) are those of transformers' Mask2Former instance
+    post-processing (class probability × mean mask probability inside the mask), at the model's input size."""
+    from transformers import Mask2FormerImageProcessor
+
+    _, model = geneval_dir
+    images = smooth_images(2, 384, 384, seed=4)
+    ours = reward.geneval_instances(model, images, size=384)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (reward.IMAGENET_MEAN, reward.IMAGENET_STD))
+    pixels = (images - mean) / std
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    theirs = Mask2FormerImageProcessor().post_process_instance_segmentation(out, threshold=0.0)
+    for mine, lib in zip(ours, theirs):
+        a = sorted((o.label, o.score) for o in mine)
+        b = sorted((reward.COCO_CLASSES[s["label_id"]], s["score"]) for s in lib["segments_info"])
+        assert [x[0] for x in a] == [x[0] for x in b] and len(a) > 0
+        np.testing.assert_allclose([x[1] for x in a], [x[1] for x in b], atol=2e-6)
+    for o in ours[0]:  # each box is its mask's bounding box
+        ys, xs = torch.nonzero(o.mask, as_tuple=True)
+        assert o.box == (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
+
+
+def test_geneval_refuses_a_detector_without_cocos_classes_in_order(geneval_dir, clip_dir):
+    """A detector whose class names are COCO's in COCO's order loads (other codebases' spellings too: 'mouse',
+    'hair dryer'); one with two classes swapped, or without 80 classes, is a one-line RewardUnavailable."""
+    import copy
+
+    _, model = geneval_dir
+    names = [{"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard",
+              "hair drier": "hair dryer"}.get(c, c) for c in reward.COCO_CLASSES]
+    detector = copy.deepcopy(model)
+    detector.config.id2label = dict(enumerate(names))
+    reward.geneval("cpu", detector=detector, clip=clip_dir[1], processor=clip_dir[0])
+    names[15], names[16] = names[16], names[15]
+    detector.config.id2label = dict(enumerate(names))
+    with pytest.raises(reward.RewardUnavailable, match="class 15 is 'dog', COCO's is 'cat'") as e:
+        reward.geneval("cpu", detector=detector, clip=clip_dir[1], processor=clip_dir[0])
+    assert "\n" not in str(e.value)
+    detector.config.id2label = {i: f"LABEL_{i}" for i in range(133)}  # e.g. a COCO panoptic model
+    with pytest.raises(reward.RewardUnavailable, match="133 classes"):
+        reward.geneval("cpu", detector=detector, clip=clip_dir[1], processor=clip_dir[0])
+
+
+def test_geneval_refuses_prompts_without_metadata_before_the_run(geneval_dir, tmp_path, capsys):
+    """`--reward geneval@DIR` with plain-text prompts stops once the models are loaded, before the run: one line
+    that says to use --prompts geneval, exit code 2."""
+    path = tmp_path / "plain.txt"
+    path.write_text("a red circle\na blue square\n")
+    assert vgpo.main(["--reward", f"geneval@{geneval_dir[0]}", "--prompts", str(path), *FEW,
+                      "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "GenEval metadata" in err and "--prompts geneval" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_geneval_absent_weights_give_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    """`python vgpo.py --reward geneval --prompts geneval` with neither model cached and no hub: one line naming
+    both downloads and the DIR layout, exit code 2; geneval@DIR without its subfolders says which are missing."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(reward, "GENEVAL_DETECTOR", "vgpo-tests/absent-detector")
+    monkeypatch.setattr(reward, "GENEVAL_CLIP", "vgpo-tests/absent-clip")
+    assert vgpo.main(["--reward", "geneval", "--prompts", "geneval", *FEW, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "hf download vgpo-tests/absent-detector" in err
+    assert "hf download vgpo-tests/absent-clip" in err and "geneval@DIR" in err
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    with pytest.raises(reward.RewardUnavailable, match="detector/ missing") as e:
+        reward.load_reward(f"geneval@{tmp_path / 'models'}", "cpu")
+    assert "\n" not in str(e.value) and "--local-dir" in str(e.value)
+
+
+def geneval_meaning(meta: dict) -> tuple:
+    """What a GenEval prompt asks for, whatever its wording: the multiset of (class, count, colour), plus each
+    relation stated one way ('B right of A' is 'A left of B')."""
+    inc = meta["include"]
+    things = tuple(sorted((r["class"], r["count"], r.get("color", "")) for r in inc))
+    flip = {"right of": "left of", "below": "above"}
+    relations = []
+    for r in inc:
+        if "position" in r:
+            rel, target = r["position"]
+            a, b = r["class"], inc[target]["class"]
+            relations.append((b, flip[rel], a) if rel in flip else (a, rel, b))
+    return meta["tag"], things, tuple(sorted(relations))
+
+
+def test_geneval_prompt_sets_split_by_meaning():
+    """`--prompts geneval`: 3 600 training and 520 test prompts of GenEval's six categories, all with valid
+    metadata that the wording states; no scene (by meaning, not string) twice in a split or in both splits;
+    the training set words scenes in the equivalent ways (object order, 'left of' / 'right of')."""
+    train, test = vgpo.load_prompts(vgpo.make_args(model="tiny", prompts="geneval"))
+    assert (len(train), len(test)) == (3600, 520)
+    for split in (train, test):
+        assert {m["tag"] for _, m in split} == set(reward.GENEVAL_CATEGORIES)
+        assert all(reward.geneval_metadata_error(m) is None for _, m in split)
+        meanings = [geneval_meaning(m) for _, m in split]
+        assert len(set(meanings)) == len(meanings)
+    assert not {geneval_meaning(m) for _, m in train} & {geneval_meaning(m) for _, m in test}
+    irregular = {"person": "people", "computer mouse": "computer mice", "knife": "knives"}
+    for p, m in train + test:  # the metadata is what the prompt says
+        for r in m["include"]:
+            assert any(form in p for form in (r["class"], r["class"][:-1], irregular.get(r["class"], "-")))
+            assert f"{r['color']} " in p if "color" in r else True
+            assert f" {r['position'][0]} " in p if "position" in r else True
+            assert f" {['', 'one', 'two', 'three', 'four'][r['count']]} " in p if m["tag"] == "counting" else True
+    words = " ".join(p for p, m in train if m["tag"] == "position")
+    assert all(w in words for w in (" left of ", " right of ", " above ", " below "))
+    assert any(m["include"][0]["class"] > m["include"][1]["class"] for _, m in train if m["tag"] == "two_object")

@@ -4,6 +4,7 @@
     python -m tools.bench summarize runs/*    # a Markdown table of finished runs (held-out accuracy, time)
     python -m tools.bench --model sd3.5 --random-weights --resolution 512 --num-generations 8   # one GPU
     python -m tools.bench --tiny-sd3          # the same measurements on a tiny random SD3 pipeline (CPU check)
+    python -m tools.bench detectors [SIZE]    # CPU forward time of the detectors considered for the geneval reward
 
 VGPO decodes and scores a preview after every step (T reward calls per image instead of one): this
 measures what that costs. Both algorithms run in one process on the same model, interleaved epoch by
@@ -62,6 +63,49 @@ def toy_epoch_time(epochs: int = 6, seed: int = 0) -> dict:
                         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
                         "date": time.strftime("%Y-%m-%d")}
     return table
+
+
+def detector_times(size: int = 512, rounds: int = 3) -> dict:
+    """Forward time of each detector considered for reward.geneval on one size×size image, on the CPU at torch's
+    thread count: the real architecture built from its config with random weights (no download), the models
+    interleaved round by round (the order reversed every round) after one warm-up round; the median per model
+    and its ratio to Mask2Former Swin-S, the one chosen. Open-vocabulary models get the 80 COCO classes as text."""
+    import transformers as tf
+
+    def swin(depths):
+        return dict(model_type="swin", depths=depths, out_features=["stage1", "stage2", "stage3", "stage4"])
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, size, size, generator=g)
+    builds = {  # name: (model, inputs)
+        "mask2former-swin-s": (tf.Mask2FormerForUniversalSegmentation, tf.Mask2FormerConfig(num_labels=80), {}),
+        "mask2former-swin-t": (tf.Mask2FormerForUniversalSegmentation,
+                               tf.Mask2FormerConfig(num_labels=80, backbone_config=swin([2, 2, 6, 2])), {}),
+        "rt-detr-r50": (tf.RTDetrForObjectDetection, tf.RTDetrConfig(), {}),
+        "detr-r50": (tf.DetrForObjectDetection, tf.DetrConfig(use_timm_backbone=False, num_labels=91), {}),
+        # "person . bicycle . …": about 200 BERT tokens for the 80 class names
+        "grounding-dino-t": (tf.GroundingDinoForObjectDetection, tf.GroundingDinoConfig(),
+                             {"input_ids": torch.randint(1000, 2000, (1, 200), generator=g)}),
+        # OWLv2 sees a fixed 960×960 input; one query of 16 tokens per class
+        "owlv2-b16": (tf.Owlv2ForObjectDetection, tf.Owlv2Config(vision_config=dict(image_size=960)),
+                      {"input_ids": torch.randint(0, 1000, (80, 16), generator=g),
+                       "pixel_values": torch.randn(1, 3, 960, 960, generator=g)}),
+    }
+    models = {name: (cls(cfg).eval(), {"pixel_values": image, **extra}) for name, (cls, cfg, extra) in builds.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 is the warm-up
+            for name in (list(models) if r % 2 else list(models)[::-1]):
+                model, inputs = models[name]
+                t0 = time.perf_counter()
+                model(**inputs)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    base = float(np.median(times["mask2former-swin-s"]))
+    return {"size": size, "threads": torch.get_num_threads(), "rounds": rounds,
+            "models": {name: {"params_m": sum(p.numel() for p in models[name][0].parameters()) / 1e6,
+                              "median_s": float(np.median(t)), "ratio": float(np.median(t)) / base}
+                       for name, t in times.items()}}
 
 
 def summarize(run_dirs: list[str]) -> str:
@@ -340,6 +384,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["summarize"]:
         print(summarize(argv[1:]))
+        return
+    if argv[:1] == ["detectors"]:  # python -m tools.bench detectors [SIZE]
+        r = detector_times(*(int(a) for a in argv[1:2]))
+        print(f"CPU forward of one {r['size']}-px image, {r['threads']} thread(s), "
+              f"median of {r['rounds']} interleaved rounds")
+        print("| detector | parameters | seconds | time / Mask2Former Swin-S |\n|---|---|---|---|")
+        for name, m in r["models"].items():
+            print(f"| {name} | {m['params_m']:.1f} M | {m['median_s']:.2f} | {m['ratio']:.2f} |")
         return
     if any(x.startswith("--model") or x == "--tiny-sd3" for x in argv):
         p = argparse.ArgumentParser(description="SD3-family benchmark (see the module docstring)")
