@@ -450,9 +450,9 @@ class RunFolder:
 def summary_line(row: dict, epochs: int) -> str:
     if "reward/mean" not in row:  # the NaN guard skipped this epoch's rollout
         return f"epoch {row['epoch']:3d}/{epochs} | skipped: NaN/inf in the rollout | {row['time/epoch_s']:.1f} s"
-    # |Â| is averaged over all steps but the last (whose advantage is never used)
+    # |Â| is averaged over the trained steps (the others' advantages are never used)
     s = (f"epoch {row['epoch']:3d}/{epochs} | reward {row['reward/mean']:.3f} (in-group std {row['reward/std']:.3f}, "
-         f"zero-std {row['reward/frac_zero_std']:.2f}) | |Â| {np.mean(row['advantage/mean_abs'][:-1]):.3f} | "
+         f"zero-std {row['reward/frac_zero_std']:.2f}) | |Â| {row['advantage/trained_mean_abs']:.3f} | "
          f"clip {row.get('policy/clip_frac', math.nan):.3f} | {row['time/epoch_s']:.1f} s")
     if row.get("guard/skipped_batches"):
         s += f" | {row['guard/skipped_batches']} batch(es) skipped for NaN/inf"

@@ -157,6 +157,39 @@ def test_vgpo_advantage_survives_a_uniform_group_on_anchored_steps_only():
     torch.testing.assert_close(adv[0, :3] / (kappa * w[0, :3]), torch.full((3,), 0.8))
 
 
+def test_anchor_is_the_discounted_mean_of_the_rewards_that_exist():
+    """Q̄_k divides Q_k by the discount mass of the rewards that were scored: with the terminal reward only
+    (--no-temporal-values) the anchor on a uniform group is κ·R itself, not R diluted by unscored steps."""
+    T, gamma, kappa, R = 6, 0.9, 1.5, 0.8
+    groups = torch.zeros(4, dtype=torch.long)
+    r = torch.zeros(4, T)
+    r[:, -1] = R
+    args = vgpo.make_args(model="tiny", num_steps=T, gamma=gamma, anchor_coef=kappa, anchor_steps=3,
+                          temporal_values=False)
+    _, weights, adv = vgpo.credit(r, groups, args)
+    assert torch.equal(weights, torch.ones(4, T))
+    torch.testing.assert_close(adv[:, :3], torch.full((4, 3), kappa * R))
+    assert torch.equal(adv[:, 3:], torch.zeros(4, T - 3))
+    # any pattern of scored steps, against a direct sum over them
+    g = torch.Generator().manual_seed(3)
+    rewarded = torch.tensor([True, False, True, False, False, True])
+    r = torch.rand(4, T, generator=g) * rewarded
+    q = vgpo.temporal_values(r, gamma)
+    adv = vgpo.vgpo_advantages(q, groups, gamma, kappa, T, 50.0, weights=torch.ones(4, T), rewarded=rewarded)
+    relative = (q - q.mean(0)) / (q.std(0, unbiased=False) + 1e-4)
+    for k in range(T):
+        mass = sum(gamma ** (j - k) for j in range(k, T) if rewarded[j])
+        torch.testing.assert_close(adv[:, k], relative[:, k] + kappa * q[:, k] / mass)
+
+
+def test_logged_advantage_summary_covers_the_trained_steps_only():
+    """advantage/trained_mean_abs averages |Â| over steps 0…S−1: the steps the update uses."""
+    adv = torch.tensor([[1.0, -3.0, 10.0, 100.0], [-1.0, 1.0, 10.0, 100.0]])
+    r = torch.rand(2, 4)
+    row = vgpo.epoch_metrics(r, r, torch.ones(2, 4), adv, torch.zeros(2, dtype=torch.long), trained=2)
+    assert row["advantage/trained_mean_abs"] == 1.5 and row["advantage/mean_abs"] == [1.0, 2.0, 10.0, 100.0]
+
+
 def test_vgpo_reduces_to_grpo_without_anchor_weights_and_instant_rewards():
     """κ = 0, ω ≡ 1 and terminal-only rewards: VGPO's advantage is GRPO's (exactly for γ = 1)."""
     g = torch.Generator().manual_seed(1)

@@ -347,12 +347,15 @@ def _group_normalize(x: torch.Tensor, group_ids: torch.Tensor, scale: str = "gro
     return centred if scale == "none" else centred / (std + 1e-4)
 
 
-def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_clip_max, weights=None):
+def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_clip_max, weights=None,
+                    rewarded=None):
     """Eqs. 12–13: Â_k = ω_k·[(Q_k − μ_k)/(s_k + 1e-4) + α_k·Q̄_k], clipped to ±adv_clip_max.
 
     values Q (N, T); group_ids (N,); weights ω (N, T), computed by step_weights(values) when None.
-    μ_k, s_k: mean and std of Q_k over the group. Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}) is the discounted mean
-    of future rewards (Q_k/(T − k) for γ = 1); α_k = κ on the first `anchor_steps` steps, else 0.
+    μ_k, s_k: mean and std of Q_k over the group. Q̄_k = Q_k / Σ_{j≥k, j rewarded} γ^{j−k} is the discounted
+    mean of the future rewards that exist; `rewarded` (T,) bool marks the steps with an instant reward
+    (default all: Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}); terminal reward only: Q̄_k = R). α_k = κ on the first
+    `anchor_steps` steps, else 0.
     """
     # The relative term is GRPO's, per step: which trajectories of this prompt did better than their
     # siblings at step k. It vanishes when the group agrees (all solved or all failed), which is where
@@ -362,11 +365,16 @@ def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_cli
     n, T = values.shape
     k = torch.arange(T, device=values.device, dtype=values.dtype)  # (T,)
     relative = _group_normalize(values, group_ids)  # (N, T): 0 for a uniform group
-    # reading 4: Q_k sums T − k discounted rewards, so its size depends on k; dividing by the sum of the
-    # discounts turns it into a weighted mean of rewards, in [0, 1] like the rewards themselves. That keeps
-    # κ on a scale comparable to the unit-std relative term at every step, with no 0/0 in a uniform group.
-    horizon = T - k  # number of future rewards summed in Q_k
-    norm = horizon if gamma == 1 else (1 - gamma**horizon) / (1 - gamma)  # Σ_{j<T−k} γ^j
+    # reading 4: Q_k sums the discounted rewards from step k on, so its size depends on k; dividing by the sum
+    # of the discounts of the rewards that exist turns it into a weighted mean of rewards, in [0, 1] like the
+    # rewards themselves. That keeps κ on a scale comparable to the unit-std relative term at every step, with
+    # no 0/0 in a uniform group; and without previews (reading 6) the anchor is the terminal reward itself,
+    # not that reward diluted by the discounts of steps that were never scored.
+    if rewarded is None:
+        rewarded = torch.ones(T, dtype=torch.bool, device=values.device)
+    lag = k[None, :] - k[:, None]  # (T, T): j − k, row k, column j
+    counted = (lag >= 0) & rewarded[None, :]  # the rewards that Q_k sums
+    norm = torch.where(counted, gamma ** lag.clamp_min(0), 0.0).sum(dim=1)  # (T,): Σ_{j≥k, j rewarded} γ^{j−k}
     alpha = torch.where(k < anchor_steps, anchor_coef, 0.0)  # (T,)
     absolute = alpha * values / norm  # (N, T): α_k·Q̄_k, in reward units
     if weights is None:
@@ -388,8 +396,9 @@ def credit(r: torch.Tensor, group_ids: torch.Tensor, args: Args):
     if args.algo == "vgpo":
         values = temporal_values(r, args.gamma)  # Eq. 10
         weights = step_weights(values) if args.temporal_values else torch.ones_like(values)  # Eq. 11; reading 6
+        rewarded = None if args.temporal_values else torch.arange(r.shape[1], device=r.device) == r.shape[1] - 1
         adv = vgpo_advantages(values, group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
-                              args.adv_clip_max, weights=weights)  # Eqs. 12–13
+                              args.adv_clip_max, weights=weights, rewarded=rewarded)  # Eqs. 12–13
     else:
         # GRPO credits every step alike: its "values" (logged only) are the terminal reward, its weights 1
         values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)
@@ -513,13 +522,15 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ro
     t3 = time.time()
     # --- learn: clipped policy gradient over the rollout ---
     stats = update(model, traj, adv, optimizer, args, shuffle_gen, guard)
-    return {**epoch_metrics(r, values, weights, adv, traj.group_ids), **stats, "guard/skipped_batches": guard.skipped,
+    trained = sde_window(args.num_steps, args.sde_steps)
+    return {**epoch_metrics(r, values, weights, adv, traj.group_ids, trained), **stats, "guard/skipped_batches": guard.skipped,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
             "time/epoch_s": time.time() - t0}
 
 
-def epoch_metrics(r, values, weights, adv, group_ids) -> dict:
-    """The logged keys of one rollout (README: logged metrics); per-step vectors are lists over k = 0…T−1."""
+def epoch_metrics(r, values, weights, adv, group_ids, trained: int) -> dict:
+    """The logged keys of one rollout (README: logged metrics); per-step vectors are lists over k = 0…T−1,
+    and `trained` = S, the number of trained steps 0…S−1 (the others' advantages are never used)."""
     terminal = r[:, -1]  # (N,)
     # frac_zero_std is the collapse meter: the share of groups where GRPO's advantage is exactly 0
     groups = [terminal[group_ids == g] for g in group_ids.unique()]
@@ -531,6 +542,7 @@ def epoch_metrics(r, values, weights, adv, group_ids) -> dict:
         "credit/value": values.mean(0).tolist(),
         "credit/weight": weights.mean(0).tolist(),
         "advantage/mean_abs": adv.abs().mean(0).tolist(),
+        "advantage/trained_mean_abs": adv[:, :trained].abs().mean().item(),  # the signal the update sees
     }
 
 

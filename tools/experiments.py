@@ -150,10 +150,6 @@ def by_epoch(seed_rows: list[list[dict]], key, reduce=lambda v: v):
             np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]))
 
 
-def trained_abs_adv(v):  # mean |Â| over the trained steps (the last step's advantage is never used)
-    return float(np.mean(v[:-1]))
-
-
 def tail_mean(seed_rows, key, n=3, reduce=lambda v: v):
     """Mean over seeds of the mean of `key` over the last n trained epochs."""
     return float(np.mean([np.mean([reduce(r[key]) for r in [r for r in rows if key in r][-n:]]) for rows in seed_rows]))
@@ -191,7 +187,7 @@ def table(data: dict, group: str, labels: list[str], opts, reference: str | None
             hit = [int(ei) for ei, mi in zip(e, m) if ei > 0 and mi >= ref_final - 1e-9]
             cells.append(str(hit[0]) if hit else f"not in {int(e[-1])}")
         for key, red in [("reward/mean", float), ("reward/frac_zero_std", float),
-                         ("advantage/mean_abs", trained_abs_adv)]:
+                         ("advantage/trained_mean_abs", float)]:
             cells.append(f"{head_mean(rows, key, reduce=red):.3f} → {tail_mean(rows, key, reduce=red):.3f}")
         cells.append(f"{np.mean([r['time/epoch_s'] for rows_ in rows for r in rows_ if 'reward/mean' in r]):.1f}")
         cells.append(f"{np.mean([r['time/eval_s'] for rows_ in rows for r in rows_ if 'time/eval_s' in r]):.0f}")
@@ -233,7 +229,7 @@ def plots(data: dict, opts) -> list[str]:
         for lb in present:
             rows, c = data[(group, lb)], COLORS.get(lb)
             for a, key, red in [(ax[0], "eval/strict_accuracy", float), (ax[1], "reward/mean", float),
-                                (ax[2], "reward/frac_zero_std", float), (ax[3], "advantage/mean_abs", trained_abs_adv)]:
+                                (ax[2], "reward/frac_zero_std", float), (ax[3], "advantage/trained_mean_abs", float)]:
                 e, m, s = by_epoch(rows, key, red)
                 a.plot(e, m, "o-" if key.startswith("eval") else "-", color=c, label=f"{lb} (n={len(rows)})", ms=4)
                 a.fill_between(e, m - s, m + s, color=c, alpha=0.15)
