@@ -522,8 +522,8 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ro
     t3 = time.time()
     # --- learn: clipped policy gradient over the rollout ---
     stats = update(model, traj, adv, optimizer, args, shuffle_gen, guard)
-    trained = sde_window(args.num_steps, args.sde_steps)
-    return {**epoch_metrics(r, values, weights, adv, traj.group_ids, trained), **stats, "guard/skipped_batches": guard.skipped,
+    metrics = epoch_metrics(r, values, weights, adv, traj.group_ids, sde_window(args.num_steps, args.sde_steps))
+    return {**metrics, **stats, "guard/skipped_batches": guard.skipped,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
             "time/epoch_s": time.time() - t0}
 
