@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+import distributed
+
 
 class UsageError(Exception):
     """A mistake in the command line or its files: printed as one line, exit code 2."""
@@ -63,7 +65,9 @@ def read_flags(argv, args_cls, preset: dict, description: str) -> dict:
 
 
 def resolve_device(args) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    """'cpu' or 'cuda'; under torchrun 'cuda' is this process's GPU, cuda:LOCAL_RANK."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return f"cuda:{distributed.local_rank()}" if device == "cuda" and distributed.world_size() > 1 else device
 
 
 def validate(args) -> None:
@@ -116,6 +120,12 @@ def validate(args) -> None:
          and args.eval_batch_size >= 1, "batch sizes and --prompts-per-epoch must be ≥ 1"),
         (args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(),
          f"--device {args.device!r} is not available here: use 'cpu' or 'auto'"),
+        (not resolve_device(args).startswith("cuda") or distributed.local_rank() < torch.cuda.device_count(),
+         f"torchrun started more processes on this node than its {torch.cuda.device_count()} GPUs: give "
+         "--nproc-per-node at most that"),
+        (args.prompts_per_epoch % distributed.world_size() == 0,
+         f"--prompts-per-epoch {args.prompts_per_epoch} must be a multiple of the {distributed.world_size()} "
+         "processes: each samples whole prompt groups"),
         (args.prompts == "shapes" or prompt_files(args.prompts) or os.path.isfile(args.prompts),
          f"--prompts {args.prompts!r} not found: give a .txt (one prompt per line) or .jsonl file, or a prompt set: "
          f"{', '.join(['shapes', *prompt_sets()])}"),
@@ -132,11 +142,20 @@ def validate(args) -> None:
         raise UsageError(f"--reward: {e}") from None
     # every optimizer step must see the same number of trajectories, or the last one would be a partial,
     # noisier step (and the gradient-accumulation divisor in vgpo.update would be wrong for it)
-    n = args.prompts_per_epoch * args.num_generations
+    k, n = distributed.world_size(), args.prompts_per_epoch * args.num_generations
     per_step = args.train_batch_size * args.gradient_accumulation_steps
-    if n % per_step:
-        raise UsageError(f"N = prompts_per_epoch×num_generations = {n} must be a multiple of "
-                         f"train_batch_size×gradient_accumulation_steps = {per_step}")
+    if n // k % per_step:
+        each = f"N/K = {n}/{k} = {n // k} trajectories per process" if k > 1 else \
+            f"N = prompts_per_epoch×num_generations = {n}"
+        raise UsageError(f"{each} must be a multiple of train_batch_size×gradient_accumulation_steps = {per_step}")
+    # vgpo.update's stratified order: each of the U optimizer steps takes G/U trajectories of every prompt group,
+    # the same trajectories whatever the number of processes
+    steps = n // k // per_step
+    if k > 1 and args.num_generations % steps:
+        raise UsageError(f"the {steps} optimizer steps per epoch must divide --num-generations "
+                         f"{args.num_generations} for {k} processes to take the steps of one (each step trains on "
+                         "an equal share of every prompt's samples): raise --train-batch-size or "
+                         "--gradient-accumulation-steps")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,6 +198,7 @@ def load_model(args, checkpoint: str | None = None, prompts: list[str] | None = 
 
         # the whole 3.8 M-parameter transformer is trained, the prompt encoder frozen (shapes.load)
         parts = shapes.load(checkpoint or shapes.CHECKPOINT, device)
+        distributed.broadcast_weights(parts["transformer"])  # under torchrun: every process starts equal
         # full fine-tuning keeps a frozen copy as the reference policy (with LoRA, below: the adapter off)
         reference = copy.deepcopy(parts["transformer"]).requires_grad_(False) if args.beta > 0 else None
         return Model(device=device, reference=reference, **parts)
@@ -194,6 +214,8 @@ def load_model(args, checkpoint: str | None = None, prompts: list[str] | None = 
     except sd3.ModelUnavailable as e:
         raise UsageError(str(e)) from None
     reference = parts.pop("reference")  # the adapter switched off: no second copy of the weights
+    distributed.broadcast_weights(parts["transformer"])  # under torchrun: every process starts from process 0's LoRA,
+    #                                                    whatever its random initialisation drew
     return Model(device=device, reference=reference if args.beta > 0 else None, **parts)
 
 
@@ -335,7 +357,9 @@ def progress(total: int, desc: str):
     """A progress bar on a terminal, silent otherwise (logs, CI, tests)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    # under torchrun only process 0 draws one: the others' bars would overwrite it
+    quiet = None if distributed.is_first() else True  # None: tqdm's "on a terminal only"
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=quiet)
 
 
 class RunFolder:
@@ -347,8 +371,10 @@ class RunFolder:
         self.path, self.writer = path, writer
 
     @classmethod
-    def open(cls, args, checkpoint: dict | None = None, writer: bool = True) -> RunFolder:
-        """The run folder, checked writable; a resumed run's metrics.jsonl is cut back to its checkpoint's rows."""
+    def open(cls, args, checkpoint: dict | None = None, writer: bool | None = None) -> RunFolder:
+        """The run folder, checked writable; a resumed run's metrics.jsonl is cut back to its checkpoint's rows.
+        The writer is process 0 unless `writer` says otherwise; args.json also records the number of processes."""
+        writer = distributed.is_first() if writer is None else writer
         out = args.output_dir or os.path.join("runs", f"{args.algo}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
         # never append to another run's metrics: two runs in one file would make both unreadable
         if checkpoint is None and any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "checkpoints")):
@@ -360,7 +386,7 @@ class RunFolder:
         try:
             os.makedirs(os.path.join(out, "samples"), exist_ok=True)
             with open(os.path.join(out, "args.json"), "w") as f:
-                json.dump(dataclasses.asdict(args), f, indent=2)
+                json.dump({**dataclasses.asdict(args), "processes": distributed.world_size()}, f, indent=2)
             if checkpoint is not None:
                 run.rewrite_metrics(checkpoint["history"])
         except OSError as e:
@@ -406,15 +432,16 @@ class RunFolder:
         """The derived numbers, to double-check before a long run."""
         if not self.writer:
             return
-        n = args.prompts_per_epoch * args.num_generations
-        micro = n // args.train_batch_size  # validate() guarantees these divisions are exact
+        k, n = distributed.world_size(), args.prompts_per_epoch * args.num_generations
+        micro = n // k // args.train_batch_size  # per process; validate() guarantees these divisions are exact
+        each = f" per process ({k} processes, {args.prompts_per_epoch // k} prompts each; gradients averaged)"
         lines = [
             f"VGPO reference run: --algo {args.algo}, --model {args.model}, --reward {args.reward}, "
             f"device {model.device}",
             f"N = P·G = {args.prompts_per_epoch}·{args.num_generations} = {n} trajectories per epoch, "
             f"T = {args.num_steps} steps ({trained_steps} SDE steps, trained), guidance g = {args.guidance_scale}",
-            f"{micro} micro-batches of {args.train_batch_size}, {micro // args.gradient_accumulation_steps} "
-            f"optimizer steps per epoch, {args.epochs} epochs",
+            f"{micro} micro-batches of {args.train_batch_size}{each if k > 1 else ''}, "
+            f"{micro // args.gradient_accumulation_steps} optimizer steps per epoch, {args.epochs} epochs",
             f"trainable parameters {sum(p.numel() for p in params) / 1e6:.2f} M, lr {args.learning_rate}, "
             f"ε = {args.clip_range}, β = {args.beta}",
         ]

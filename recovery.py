@@ -3,16 +3,19 @@
 An RL run on SD3.5 takes hours; a crash, a Ctrl-C, a full disk or one NaN must not cost it. A checkpoint is
 a folder <output_dir>/checkpoints/epoch_NNNN/ with
     weights.safetensors   the trainable parameters by name (the whole tiny model; the LoRA weights on SD3.5)
-    state.pt              the optimizer and every random state: python, numpy, torch, and the prompt, rollout
-                          and shuffle generators (tensors, dicts and numbers only: read back with
-                          torch.load(weights_only=True), which cannot run code)
-    meta.json             epoch, settings, the metric rows so far, the prompt-encoding order (Model.encoded),
-                          the NaN guard's count, and the SHA-256 of the two files above
+    state.pt              the optimizer, and for each process its random states (python, numpy, torch, the
+                          prompt generator) and prompt-encoding order (Model.encoded) (tensors, dicts, strings
+                          and numbers only: read back with torch.load(weights_only=True), which cannot run code)
+    meta.json             epoch, settings, the number of processes, the metric rows so far, the NaN guard's
+                          count, and the SHA-256 of the two files above
 It is written as .tmp-epoch_NNNN and renamed when complete (a rename is atomic), so a crash or a full disk
 mid-write leaves the earlier checkpoints as they were. --resume DIR takes the newest checkpoint that matches
 its checksums and loads (a damaged one is renamed *.damaged, with a message), cuts metrics.jsonl back to the
 checkpoint's rows and continues; on the CPU the result is bitwise that of an uninterrupted run (tested).
-Exit codes are in vgpo.main.
+The rollout noise and the update's shuffle are keyed by (seed, epoch, prompt group) (distributed.group_draws)
+and hold no state, so a run saved by K processes may resume with another number of processes: the gradient
+accumulation is rescaled to keep the optimizer steps (the same run, up to rounding; tested). Under torchrun
+process 0 finds, reads and writes checkpoints for all. Exit codes are in vgpo.main.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import distributed
 from harness import UsageError, flag
 
 # Flags that may differ from the saved run on --resume: they change when or where things happen, not what
@@ -61,9 +65,27 @@ def _check_same(saved: dict, given: dict, where: str) -> None:
                              f"only {', '.join(map(flag, SAFE_ON_RESUME))}; start a new run to change {flag(k)}")
 
 
+def for_these_processes(saved: dict, processes: int, where: str, say: bool = True) -> dict:
+    """The settings `saved` by a run of `processes` processes, for this run's number K: the same optimizer steps
+    (processes × gradient_accumulation_steps micro-batches each) with the accumulation rescaled (and, with `say`,
+    a note), or a one-line error where K cannot take them."""
+    k, accum = distributed.world_size(), saved["gradient_accumulation_steps"]
+    if processes == k:
+        return saved
+    if accum * processes % k:
+        raise UsageError(f"{where} ran on {processes} process(es) with --gradient-accumulation-steps {accum}: its "
+                         f"optimizer steps take {accum * processes} micro-batches, which {k} processes cannot "
+                         f"share; resume it on a number of processes that divides {accum * processes}")
+    if say and distributed.is_first():
+        print(f"{where} ran on {processes} process(es), this one on {k}: --gradient-accumulation-steps {accum} → "
+              f"{accum * processes // k}, the same optimizer steps", flush=True)
+    return {**saved, "gradient_accumulation_steps": accum * processes // k}
+
+
 def resume_args(args_cls, resume: str, **given):
     """The settings (an `args_cls`) of the run in folder `resume` (its args.json), updated with the flags in
-    `given` that are safe to change (SAFE_ON_RESUME); any other flag given must repeat the saved value."""
+    `given` that are safe to change (SAFE_ON_RESUME); any other flag given must repeat the saved value (the
+    gradient accumulation rescaled when the number of processes changed: for_these_processes)."""
     try:
         with open(os.path.join(resume, "args.json")) as f:
             saved = json.load(f)
@@ -72,7 +94,9 @@ def resume_args(args_cls, resume: str, **given):
                          "give a run's output folder") from None
     if given.get("output_dir") and os.path.abspath(given["output_dir"]) != os.path.abspath(resume):
         raise UsageError("a resumed run continues in its own folder: drop --output-dir")
+    processes = saved.get("processes", 1)
     saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(args_cls)}}
+    saved = for_these_processes(saved, processes, f"the run in {resume}")
     _check_same(saved, given, f"the run in {resume}")
     safe = {k: v for k, v in given.items() if k in SAFE_ON_RESUME}
     return args_cls(**{**saved, **safe, "resume": resume, "output_dir": resume})
@@ -80,7 +104,12 @@ def resume_args(args_cls, resume: str, **given):
 
 def find_checkpoint(args) -> dict:
     """The newest checkpoint in args.resume that is complete and undamaged, read. A damaged one is renamed
-    *.damaged (kept for inspection, out of the way of later saves), reported, and the previous one tried."""
+    *.damaged (kept for inspection, out of the way of later saves), reported, and the previous one tried.
+    Under torchrun process 0 looks and sends the checkpoint to the others."""
+    return distributed.on_first(_find_checkpoint, args)
+
+
+def _find_checkpoint(args) -> dict:
     root = os.path.join(args.resume, "checkpoints")
     names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if re.fullmatch(r"epoch_\d+", n)]
     for name in sorted(names, key=lambda n: int(n[6:]), reverse=True):
@@ -93,7 +122,8 @@ def find_checkpoint(args) -> dict:
             print(f"vgpo.py: checkpoint {path} is damaged ({type(e).__name__}: {e}); set aside as {name}.damaged, "
                   "trying the one before it", file=sys.stderr, flush=True)
             continue
-        _check_same(ckpt["args"], dataclasses.asdict(args), f"checkpoint {path}")
+        saved = for_these_processes(ckpt["args"], ckpt.get("processes", 1), f"checkpoint {path}", say=False)
+        _check_same(saved, dataclasses.asdict(args), f"checkpoint {path}")
         if ckpt["epoch"] >= args.epochs:
             raise UsageError(f"the run in {args.resume} has reached epoch {ckpt['epoch']}: give --epochs above "
                              f"{ckpt['epoch']} to train it further")
@@ -125,13 +155,13 @@ def _fsync(path: str) -> None:  # a file or a folder on disk, not only in the pa
 
 
 def rng_states(rngs: dict) -> dict:
-    """Every random state a run draws from, as tensors, dicts and numbers."""
+    """This process's random states: the global ones and the numpy generators in `rngs` (the prompts'), as
+    tensors, dicts and numbers. Rollout noise and shuffles are keyed by the epoch and hold no state."""
     np_global = np.random.get_state(legacy=False)
     np_global["state"]["key"] = np_global["state"]["key"].tolist()  # weights_only loads no numpy arrays
     return {"python": random.getstate(), "numpy": np_global, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "prompts": rngs["prompts"].bit_generator.state, "shuffle": rngs["shuffle"].get_state(),
-            "rollout": rngs["rollout"].get_state(), "rollout_device": rngs["rollout"].device.type}
+            **{name: gen.bit_generator.state for name, gen in rngs.items()}}
 
 
 def set_rng_states(s: dict, rngs: dict) -> None:
@@ -140,20 +170,19 @@ def set_rng_states(s: dict, rngs: dict) -> None:
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.device_count() == len(s["cuda"]):
         torch.cuda.set_rng_state_all(s["cuda"])
-    rngs["prompts"].bit_generator.state = s["prompts"]
-    rngs["shuffle"].set_state(s["shuffle"])
-    if rngs["rollout"].device.type == s["rollout_device"]:
-        rngs["rollout"].set_state(s["rollout"])
-    else:  # a CPU generator's state means nothing to a CUDA one: a new stream, seeded from the old state
-        rngs["rollout"].manual_seed(int(hashlib.sha256(s["rollout"].numpy().tobytes()).hexdigest()[:15], 16))
-        print(f"vgpo.py: note: the rollout noise moved from {s['rollout_device']} to {rngs['rollout'].device.type}: "
-              "the run continues correctly but not bitwise as it would have on the old device", file=sys.stderr)
+    for name, gen in rngs.items():
+        gen.bit_generator.state = s[name]
 
 
 def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history) -> str | None:
     """Write checkpoints/epoch_NNNN atomically and keep the newest `args.keep_checkpoints`. Returns its path,
-    or None (with a warning; the run goes on) when it could not be written, e.g. on a full disk."""
+    or None (with a warning; the run goes on) when it could not be written, e.g. on a full disk. Under torchrun
+    every process calls it: process 0 writes, with every process's random states and prompt-encoding order."""
     from safetensors.torch import save_file
+
+    per_process = distributed.gather_objects({"rng": rng_states(rngs), "encoded": model.encoded})
+    if not distributed.is_first():
+        return None
 
     root = os.path.join(out_dir, "checkpoints")
     final, tmp = os.path.join(root, f"epoch_{epoch:04d}"), os.path.join(root, f".tmp-epoch_{epoch:04d}")
@@ -163,9 +192,9 @@ def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history
         weights = {n: p.detach().cpu().contiguous()
                    for n, p in model.transformer.named_parameters() if p.requires_grad}
         save_file(weights, os.path.join(tmp, "weights.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(rngs)}, os.path.join(tmp, "state.pt"))
-        meta = {"epoch": epoch, "args": dataclasses.asdict(args), "history": history, "encoded": model.encoded,
-                "nan_in_a_row": guard.in_a_row,
+        torch.save({"optimizer": optimizer.state_dict(), "per_process": per_process}, os.path.join(tmp, "state.pt"))
+        meta = {"epoch": epoch, "args": dataclasses.asdict(args), "history": history,
+                "processes": len(per_process), "nan_in_a_row": guard.in_a_row,
                 "sha256": {f: _sha256(os.path.join(tmp, f)) for f in CHECKPOINT_FILES}}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f)
@@ -202,7 +231,9 @@ def read_checkpoint(path: str) -> dict:
 
 
 def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard) -> list[dict]:
-    """Put a checkpoint's weights, optimizer state, prompt cache and random states back; returns its rows."""
+    """Put a checkpoint's weights, optimizer state, prompt cache and random states back; returns its rows. Process
+    r takes process r's random states and prompt order (process 0's if the run had fewer processes: the loop
+    draws nothing from the global generators, and the prompt generator is the same on every process)."""
     params = dict(model.transformer.named_parameters())
     if set(ckpt["weights"]) != {n for n, p in params.items() if p.requires_grad}:
         raise UsageError("the checkpoint's weights do not fit this model's trainable parameters")
@@ -210,9 +241,12 @@ def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard) -> list[
         for name, value in ckpt["weights"].items():
             params[name].copy_(value)
     optimizer.load_state_dict(ckpt["state"]["optimizer"])
-    for batch in ckpt["encoded"]:  # the prompt cache, filled in the original order (see Model.encoded)
+    # (a checkpoint written before runs could span processes: one process's states, its prompt order in meta)
+    saved = ckpt["state"].get("per_process") or [{"rng": ckpt["state"]["rng"], "encoded": ckpt["encoded"]}]
+    mine = saved[distributed.rank()] if distributed.rank() < len(saved) else saved[0]
+    for batch in mine["encoded"]:  # the prompt cache, filled in the original order (see Model.encoded)
         model.encode(batch)
-    set_rng_states(ckpt["state"]["rng"], rngs)
+    set_rng_states(mine["rng"], rngs)
     guard.in_a_row = ckpt["nan_in_a_row"]
     return ckpt["history"]
 
@@ -252,14 +286,17 @@ class NanGuard:
             return True
         self.in_a_row, self.skipped, self.last = self.in_a_row + 1, self.skipped + 1, what
         self.tripped |= self.in_a_row >= self.patience
-        print(f"vgpo.py: warning: NaN/inf in {what}: batch skipped ({self.in_a_row} in a row; the run stops at "
-              f"{self.patience}, --nan-patience)", file=sys.stderr, flush=True)
+        if distributed.is_first():  # under torchrun every process takes the same decisions: one warning
+            print(f"vgpo.py: warning: NaN/inf in {what}: batch skipped ({self.in_a_row} in a row; the run stops at "
+                  f"{self.patience}, --nan-patience)", file=sys.stderr, flush=True)
         return False
 
 
 class StopSignals:
     """While active, SIGINT (Ctrl-C) and SIGTERM set `signum` and the loop stops after the epoch in progress,
-    with a checkpoint; a second signal stops at once (KeyboardInterrupt, the epoch is lost)."""
+    with a checkpoint; a second signal stops at once (KeyboardInterrupt, the epoch is lost). Under torchrun a
+    signal to any process stops all after the same epoch (`requested`); torchrun forwards Ctrl-C and SIGTERM to
+    every process and kills them --shutdown-timeout seconds later (30 by default)."""
 
     def __enter__(self):
         self.signum, self.previous = None, {}
@@ -271,8 +308,15 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\nvgpo.py: {signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint "
-              "(send it again to stop at once, losing the epoch)", file=sys.stderr, flush=True)
+        if distributed.world_size() == 1:  # under torchrun the signal may be torchrun stopping a failed run
+            print(f"\nvgpo.py: {signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint "
+                  "(send it again to stop at once, losing the epoch)", file=sys.stderr, flush=True)
+
+    def requested(self) -> int | None:
+        """The signal that asks to stop after this epoch, received by this or any other process (None if none);
+        every process must call this at the same point."""
+        self.signum = distributed.largest(self.signum or 0) or None
+        return self.signum
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -282,7 +326,7 @@ class StopSignals:
 def raise_if_stopped(signum, guard: NanGuard, saved: str | None, args, epoch: int) -> None:
     """After a checkpoint: RunStopped if a signal came (unless the run is complete anyway) or the guard tripped."""
     where = f"checkpoint {saved}" if saved else "no checkpoint could be saved (see the warning above)"
-    again = f"python vgpo.py --resume {args.output_dir}"
+    again = distributed.command(f"vgpo.py --resume {args.output_dir}")
     if guard.tripped:
         raise RunStopped(f"stopped after epoch {epoch}: {guard.in_a_row} batches in a row had NaN/inf (last: "
                          f"{guard.last}); {where}. Fix the cause, then continue with: {again}", code=3)

@@ -29,8 +29,9 @@ epoch, G = `num_generations` each), T steps, (C, H, W) one latent, B a micro-bat
     update, train_epoch     minibatches, accumulation, AdamW, norm clip     Flow-GRPO's schedule
 
 Where the paper is silent, the code follows numbered readings, listed in the README and tagged where they
-apply (`# reading 4`). Plumbing lives in harness.py (command line, prompts, models, run folder) and
-recovery.py (checkpoints, resume, signals, NaN guard); a reader of the method can skip both.
+apply (`# reading 4`). Plumbing lives in harness.py (command line, prompts, models, run folder), recovery.py
+(checkpoints, resume, signals, NaN guard) and distributed.py (several processes under torchrun, each marked
+`# plumbing: torchrun` here, the identity in one process); a reader of the method can skip all three.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import distributed  # plumbing
 import harness  # plumbing
 import recovery  # plumbing
 from harness import Model, UsageError, load_model, load_prompts, make_reward, sample_prompts
@@ -93,7 +95,7 @@ class Args:
                                "'pickscore=1,aesthetic=0.5', NAME@DIR for a model in a local folder")
     prompts: str = _f("shapes", "'shapes' (the toy world), a prompt set in prompts/ ('ocr', 'preference': NAME_train "
                                 "and NAME_test files) or a .txt/.jsonl file (evaluated on itself)")
-    seed: int = _f(0, "random seed (prompts, noise, shuffling)")
+    seed: int = _f(0, "random seed (prompts; noise and shuffling are keyed by seed, epoch and prompt group)")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     output_dir: str = _f("", "output folder (default runs/<algo>-<seed>-<timestamp>)")
     epochs: int = _f(100, "number of epochs: one rollout of P×G trajectories and its updates each")
@@ -162,12 +164,14 @@ def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     return v_u + guidance_scale * (v_c - v_u)
 
 
-def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
+def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None,
+                          noise=None):
     """Flow-GRPO's SDE step: one Euler–Maruyama step of its marginal-preserving reverse SDE, and its log-prob.
 
     velocity, sample: (B, C, H, W); sigma, sigma_next: floats or 0-d tensors (σ_k, σ_{k+1}).
     Returns (next_sample, log_prob (B,), mean (B, C, H, W), std) where std = std_k·sqrt(−dt) is the
-    standard deviation of the step. With `prev_sample` given, that sample is scored instead of drawn.
+    standard deviation of the step. With `prev_sample` given, that sample is scored instead of drawn; `noise`
+    (B, C, H, W) is the ε of the draw (default: drawn from `generator`).
     With noise_level 0 the step is the deterministic Euler step x + v·dt and log_prob is 0.
     """
     # fp32 throughout: with bf16 latents std² and (x − mean)²/std² lose the digits the ratio depends on
@@ -187,7 +191,8 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
     # (c) x_{k+1} = mean + std·ε
     if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        eps = noise if noise is not None else \
+            torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
         prev_sample = mean + std * eps
     # the sample is data, not a function of θ: gradients flow only through the mean
     prev_sample = prev_sample.float().detach()
@@ -219,10 +224,11 @@ def sde_window(num_steps: int, sde_steps: int) -> int:
 @torch.no_grad()
 def generate(model: Model, prompts: list[str], num_steps: int, noise_level: float, guidance_scale: float,
              batch_size: int, generator=None, noise=None, record: bool = True, desc: str = "rollout",
-             sde_steps: int = 0):
+             sde_steps: int = 0, step_noise=None):
     """One image per prompt in micro-batches of `batch_size`: SDE steps 0…S−1 (S = sde_window), plain Euler
     steps S…T−1. Returns (images, latents, log_probs, x0_preds, sigmas); the three in the middle are None
-    unless `record`; a deterministic step's log-prob is 0."""
+    unless `record`; a deterministic step's log-prob is 0; no prompts, no images (None). The starting noise
+    `noise` (N, C, H, W) and the SDE steps' ε `step_noise` (N, S, C, H, W) are drawn from `generator` if None."""
     # Micro-batches of the training size: SD3 outputs depend slightly on the batch size, and a rollout
     # scored at another size than it is re-scored at shows up as ratio ≠ 1 before any update.
     n, (c, h, w), T = len(prompts), model.latent_shape, num_steps
@@ -247,7 +253,8 @@ def generate(model: Model, prompts: list[str], num_steps: int, noise_level: floa
             if record and k > 0:  # reading 1: step k's velocity also gives the preview x̂0_k = x_k − σ_k·v_k (Eq. 9)
                 x0_preds[b, k - 1] = x - sigmas[k] * v
             if k < stochastic:
-                x, lp, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
+                x, lp, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator,
+                                                    noise=None if step_noise is None else step_noise[b, k])
                 if record:
                     log_probs[b, k] = lp
             else:  # σ_T = 0 (or past the SDE window): a plain Euler step, no noise, not trained
@@ -257,17 +264,17 @@ def generate(model: Model, prompts: list[str], num_steps: int, noise_level: floa
             latents[b, T], x0_preds[b, T - 1] = x, x  # x̂0_T = x_T
         images.append(model.decode(x))
     bar.close()
-    return torch.cat(images), latents, log_probs, x0_preds, sigmas
+    return torch.cat(images) if images else None, latents, log_probs, x0_preds, sigmas
 
 
-def rollout(model: Model, prompts: list[str], args: Args, generator=None, noise=None) -> Trajectories:
-    """P distinct prompts, each sampled G = args.num_generations times with the SDE (N = P·G)."""
+def rollout(model: Model, prompts: list[str], args: Args, generator=None, noise=None, step_noise=None) -> Trajectories:
+    """P distinct prompts, each sampled G = args.num_generations times with the SDE (N = P·G); noise as `generate`."""
     # a group = the G trajectories of one prompt, stored next to each other; group_ids says which
     expanded = [p for p in prompts for _ in range(args.num_generations)]
     group_ids = torch.arange(len(prompts)).repeat_interleave(args.num_generations).to(model.device)  # (N,)
     images, latents, log_probs, x0_preds, sigmas = generate(
         model, expanded, args.num_steps, args.noise_level, args.guidance_scale, args.train_batch_size,
-        generator=generator, noise=noise, sde_steps=args.sde_steps)
+        generator=generator, noise=noise, sde_steps=args.sde_steps, step_noise=step_noise)
     return Trajectories(latents, log_probs, x0_preds, sigmas, images, expanded, group_ids)
 
 
@@ -440,23 +447,30 @@ def make_optimizer(model: Model, args: Args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
-def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, generator=None, guard=None) -> dict:
+def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, shuffle=None, guard=None) -> dict:
     """Shuffle the N trajectories into micro-batches; for each micro-batch and trained step k (0…S−1):
-    forward, loss, backward; an optimizer step every `gradient_accumulation_steps` micro-batches.
-    An optimizer step whose loss or gradient is NaN/inf is skipped and counted by `guard` (a NanGuard)."""
+    forward, loss, backward; an optimizer step every `gradient_accumulation_steps` micro-batches. The shuffle is
+    stratified: the U optimizer steps take equal shares (G/U) of every group, in the order `shuffle` (P, G)
+    gives each group's trajectories (default: as stored). An optimizer step whose loss or gradient is NaN/inf is
+    skipped and counted by `guard` (a NanGuard)."""
     # One backward per (micro-batch, step): activations of a single transformer call are alive at a time,
     # which is what lets SD3.5 train on one GPU. The transformer stays in eval mode: it has no dropout,
     # and eval mode keeps the re-scored log-probs identical to the rollout's (ratio = 1).
     n, T = traj.log_probs.shape
     trained, accum = sde_window(T, args.sde_steps), args.gradient_accumulation_steps  # steps 0…trained−1
     params = [p for p in model.transformer.parameters() if p.requires_grad]
-    # shuffle so that a micro-batch mixes prompts (its own generator: the rollout noise stays independent)
-    perm = torch.randperm(n, generator=generator).to(model.device)
+    # Every optimizer step sees every prompt, and holds the same trajectories however many processes share the
+    # groups (each orders its own): (groups, U, G/U) → (U, groups, G/U), step by step. Where U does not divide G
+    # (one process only: harness.validate) the steps take the groups' trajectories position by position.
+    groups, steps = len(traj.group_ids.unique()), max(1, n // (args.train_batch_size * accum))  # U optimizer steps
+    G = n // groups
+    table = torch.arange(0, n, G)[:, None] + (shuffle if shuffle is not None else torch.arange(G)).cpu()  # (groups, G)
+    order = table.view(groups, steps, G // steps).transpose(0, 1).flatten() if G % steps == 0 else table.T.flatten()
     stats = defaultdict(list)
     guard = guard if guard is not None else recovery.NanGuard(args.nan_patience)
     bad = None  # what was NaN/inf in the current optimizer step
     bar = harness.progress(math.ceil(n / args.train_batch_size) * trained, "update")
-    for i, idx in enumerate(perm.split(args.train_batch_size)):
+    for i, idx in enumerate(order.to(model.device).split(args.train_batch_size)):
         prompts = [traj.prompts[j] for j in idx.tolist()]
         cond = model.encode(prompts)
         uncond = model.encode([""] * len(prompts)) if args.guidance_scale != 1.0 else None
@@ -482,6 +496,7 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
                 stats[key].append(val)
             bar.update()
         if (i + 1) % accum == 0:  # gradient-norm clip as Flow-GRPO: a rare huge advantage cannot jump
+            bad = distributed.average_gradients(params, bad)  # plumbing: torchrun: the mean over the processes
             norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             if guard.record(bad is None and bool(torch.isfinite(norm)), bad or "the gradient"):  # NaN guard
                 stats["policy/grad_norm"].append(norm.item())
@@ -489,7 +504,7 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
             optimizer.zero_grad(set_to_none=True)
             bad = None
     bar.close()
-    return {key: float(np.mean(v)) for key, v in stats.items()}
+    return distributed.means(stats)  # plumbing: torchrun: the means of every process's values
 
 
 # ====================================================================================================
@@ -497,32 +512,37 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
 # ====================================================================================================
 
 
-def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, rollout_gen, shuffle_gen,
-                guard=None) -> dict:
-    """One epoch on the P `chosen` (prompt, metadata) pairs: rollout → rewards → credit → update.
+def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, epoch: int, guard=None) -> dict:
+    """One epoch on the P `chosen` (prompt, metadata) pairs: rollout → rewards → credit → update. Each group's
+    noise and shuffle come from generators keyed by (args.seed, `epoch`, group): distributed.group_draws.
     `guard` (a NanGuard) counts the batches skipped for NaN/inf; logged as guard/skipped_batches."""
     guard = guard if guard is not None else recovery.NanGuard(args.nan_patience)
     guard.skipped = 0
     # --- sample: P prompts × G trajectories with their old log-probs and previews ---
-    t0 = time.time()
-    traj = rollout(model, [p for p, _ in chosen], args, generator=rollout_gen)
-    metadata = [m for _, m in chosen for _ in range(args.num_generations)]
+    t0, G, S = time.time(), args.num_generations, sde_window(args.num_steps, args.sde_steps)
+    groups = distributed.my_groups(len(chosen))  # plumbing: torchrun: this process's P/K groups (else all P)
+    noise, step_noise, shuffle = distributed.group_draws(args.seed, epoch, groups, G, model.latent_shape, S,
+                                                         model.device)
+    traj = rollout(model, [chosen[g][0] for g in groups], args, noise=noise, step_noise=step_noise)
+    metadata = [chosen[g][1] for g in groups for _ in range(G)]
     t1 = time.time()
     # rewards are timed apart from the rollout: the preview rewards are VGPO's extra cost over GRPO
     use_previews = args.algo == "vgpo" and args.temporal_values  # GRPO never looks at previews
     try:  # NaN guard: a rollout with a NaN/inf reward or log-prob is not learned from
-        r = instant_rewards(model, traj, reward_fn, metadata, previews=use_previews)  # Eq. 9, (N, T)
-        recovery.require_finite(traj.log_probs, "log-prob")
+        with distributed.together(recovery.NonFiniteError):  # plumbing: torchrun: one process's NaN skips on all
+            r = instant_rewards(model, traj, reward_fn, metadata, previews=use_previews)  # Eq. 9, (N, T)
+            recovery.require_finite(traj.log_probs, "log-prob")
     except recovery.NonFiniteError as e:
         guard.record(False, f"the rollout ({e})")
         return {"guard/skipped_batches": guard.skipped, "time/rollout_s": t1 - t0, "time/epoch_s": time.time() - t0}
+    r, group_ids = distributed.gather(r), distributed.gather(traj.group_ids + groups.start)  # plumbing: torchrun: N
     t2 = time.time()
     # --- credit: per-step values and advantages (VGPO) or one advantage for all steps (GRPO) ---
-    values, weights, adv = credit(r, traj.group_ids, args)  # Eqs. 10–13
+    values, weights, adv = credit(r, group_ids, args)  # Eqs. 10–13, on the whole batch
     t3 = time.time()
-    # --- learn: clipped policy gradient over the rollout ---
-    stats = update(model, traj, adv, optimizer, args, shuffle_gen, guard)
-    metrics = epoch_metrics(r, values, weights, adv, traj.group_ids, sde_window(args.num_steps, args.sde_steps))
+    # --- learn: clipped policy gradient over the rollout (this process's rows of the batch) ---
+    stats = update(model, traj, adv[groups.start * G : groups.stop * G], optimizer, args, shuffle, guard)
+    metrics = epoch_metrics(r, values, weights, adv, group_ids, S)
     return {**metrics, **stats, "guard/skipped_batches": guard.skipped,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
             "time/epoch_s": time.time() - t0}
@@ -562,12 +582,15 @@ def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, run=None, 
     reward_fn = reward_fn or make_reward(args, model.device, eval_set)
     prompts, metas = [p for p, _ in eval_set], [m for _, m in eval_set]
     gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
+    noise = torch.randn((len(prompts), *model.latent_shape), generator=gen, device=model.device)  # image i: noise[i]
+    share = distributed.my_batches(len(prompts), args.eval_batch_size)  # plumbing: torchrun: whole batches each
     # noise_level 0: the deterministic ODE sampler users sample with after training
-    images = generate(model, prompts, args.eval_steps, 0.0, args.guidance_scale, args.eval_batch_size,
-                      generator=gen, record=False, desc="eval")[0]
+    images = generate(model, prompts[share], args.eval_steps, 0.0, args.guidance_scale, args.eval_batch_size,
+                      noise=noise[share], record=False, desc="eval")[0]
+    images = distributed.gather_to_first(images)  # plumbing: torchrun: every image on process 0, None elsewhere
     # a reward with its own metrics (GenEval-style: strict accuracy by category) reports them; others their mean
-    scores = reward_fn.metrics(images, prompts, metas) if hasattr(reward_fn, "metrics") else \
-        {"score": reward_fn(images, prompts, metas).mean().item()}
+    metrics = reward_fn.metrics if hasattr(reward_fn, "metrics") else lambda *a: {"score": reward_fn(*a).mean().item()}
+    scores = distributed.on_first(metrics, images, prompts, metas)  # plumbing: torchrun: scored once, on process 0
     if run is not None:
         run.save_samples(images, prompts, epoch)  # plumbing: samples/epoch_NNNN.png
     return {f"eval/{k}": v for k, v in scores.items()} | {"time/eval_s": time.time() - t0}
@@ -583,10 +606,12 @@ def train(args: Args) -> list[dict]:
     (row 0: the base model). With `args.resume` it continues that run from its last good checkpoint."""
     # --- set-up: everything that can fail on bad input fails here, with one line, before the first rollout ---
     harness.validate(args)  # plumbing: ranges, files, batch arithmetic
+    distributed.start(harness.resolve_device(args))  # plumbing: torchrun: join the other processes
     checkpoint = recovery.find_checkpoint(args) if args.resume else None  # plumbing: the newest undamaged one
     args = dataclasses.replace(args, output_dir=args.resume or args.output_dir)  # a resumed run stays in its folder
-    # Three independent streams from one seed, so that e.g. a change in shuffling leaves the rollouts alone;
-    # everything on the CPU is then bitwise reproducible (tested).
+    # One seeded stream picks each epoch's prompts (in step on every process); the rollout noise and the shuffle
+    # come from generators keyed by (seed, epoch, group), so they do not depend on how the groups are split
+    # between processes. Everything on the CPU is bitwise reproducible (tested).
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)  # which prompts each epoch
     # the prompts and the reward before the big model: a bad prompt file or an absent reward stops at once
@@ -596,9 +621,7 @@ def train(args: Args) -> list[dict]:
     run = harness.RunFolder.open(args, checkpoint)  # plumbing: runs/<run>/, args.json
     model = load_model(args, prompts=[p for p, _ in train_set + eval_set])  # plumbing: the prompt files read once
     optimizer = make_optimizer(model, args)
-    rollout_gen = torch.Generator(model.device).manual_seed(args.seed)  # start noise and SDE noise
-    shuffle_gen = torch.Generator().manual_seed(args.seed + 1)  # micro-batch order
-    rngs = {"prompts": rng, "rollout": rollout_gen, "shuffle": shuffle_gen}
+    rngs = {"prompts": rng}  # the random state a checkpoint keeps
     guard = recovery.NanGuard(args.nan_patience)  # plumbing: skips NaN/inf batches, stops after too many
     run.startup_box(args, model, optimizer.param_groups[0]["params"], sde_window(args.num_steps, args.sde_steps))
 
@@ -611,14 +634,14 @@ def train(args: Args) -> list[dict]:
     with recovery.StopSignals() as stop:  # plumbing: Ctrl-C / SIGTERM finish the epoch, then save a checkpoint
         for epoch in range(history[-1]["epoch"] + 1, args.epochs + 1):
             chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
-            row = {"epoch": epoch,
-                   **train_epoch(model, chosen, args, reward_fn, optimizer, rollout_gen, shuffle_gen, guard)}
+            row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, epoch, guard)}
             if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
                 row.update(evaluate(model, args, reward_fn, eval_set, run, epoch=epoch))
             history.append(row)
             run.log(row, args.epochs)  # plumbing: metrics.jsonl (flushed: a killed run keeps its curve), console
             due = args.save_every and (epoch % args.save_every == 0 or epoch == args.epochs)
-            if stop.signum or guard.tripped or due:  # plumbing: checkpoint, then stop if a signal or NaNs asked to
+            # plumbing: checkpoint, then stop if a signal (to any process, under torchrun) or NaNs asked to
+            if stop.requested() or guard.tripped or due:
                 saved = recovery.save_checkpoint(run.path, epoch, args, model, optimizer, rngs, guard, history)
                 recovery.raise_if_stopped(stop.signum, guard, saved, args, epoch)
     run.finish(model, history)  # plumbing: trained weights, curves.png, the accuracy before and after
@@ -654,21 +677,26 @@ def parse_args(argv=None) -> Args:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done; 2 a usage error (one line); 3 stopped by the NaN guard; 130 / 143 stopped by
-    SIGINT / SIGTERM after saving a checkpoint; 1 anything else (a bug, or a reward model that crashed)."""
+    SIGINT / SIGTERM after saving a checkpoint; 1 anything else (a bug, a reward model that crashed, or under
+    torchrun another process that failed)."""
     # usage mistakes are one line and exit code 2 (as argparse's own); anything else is a real bug and keeps
     # its traceback
     try:
         train(parse_args(argv))
-    except UsageError as e:
+    except UsageError as e:  # under torchrun every process says it: the mistake may be its own (a missing GPU)
         print(f"vgpo.py: error: {e}", file=sys.stderr)
         return 2
-    except recovery.RunStopped as e:  # a checkpoint was saved; the message says how to resume
-        print(f"vgpo.py: {e}", file=sys.stderr)
+    # a checkpoint was saved and the message says how to resume; or under torchrun another process failed
+    except (recovery.RunStopped, distributed.ProcessFailed) as e:
+        if distributed.is_first():  # plumbing: torchrun: the processes stop together; one says why
+            print(f"vgpo.py: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint of this epoch
         print("vgpo.py: interrupted at once; if the run saved a checkpoint, continue with --resume <the run's folder>",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()  # plumbing: torchrun: leave the process group
     return 0
 
 

@@ -46,13 +46,11 @@ def toy_epoch_time(epochs: int = 6, seed: int = 0) -> dict:
     train_set, _ = vgpo.load_prompts(args)
     rng = np.random.default_rng(seed)
     optimizer = vgpo.make_optimizer(model, args)  # the same optimizer as a training run
-    rollout_gen, shuffle_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     rows = {"vgpo": [], "grpo": []}
     for e in range(epochs + 1):  # epoch 0 is the warm-up
         chosen = vgpo.sample_prompts(train_set, args.prompts_per_epoch, rng)
         for algo in (("vgpo", "grpo") if e % 2 == 0 else ("grpo", "vgpo")):
-            row = vgpo.train_epoch(model, chosen, dataclasses.replace(args, algo=algo), reward_fn, optimizer,
-                                   rollout_gen, shuffle_gen)
+            row = vgpo.train_epoch(model, chosen, dataclasses.replace(args, algo=algo), reward_fn, optimizer, e)
             if e > 0:
                 rows[algo].append(row)
             print(f"epoch {e} {algo}: {row['time/epoch_s']:.2f} s", flush=True)
@@ -245,7 +243,7 @@ def flop_rates(model, args, prompts, device, reps=3) -> dict:
     adv = torch.randn(b, args.num_steps, generator=torch.Generator().manual_seed(0)).to(device)
     optimizer = torch.optim.SGD([p for p in model.transformer.parameters() if p.requires_grad], lr=0.0)  # weights kept
     one = dataclasses.replace(args, gradient_accumulation_steps=1)
-    train = lambda: vgpo.update(model, traj, adv, optimizer, one, torch.Generator().manual_seed(0))  # noqa: E731
+    train = lambda: vgpo.update(model, traj, adv, optimizer, one)  # noqa: E731
     train()
     f_train = _flops(train)
     t_train, _ = _timed(train, device, reps=max(1, reps // 2))
@@ -261,7 +259,6 @@ def epoch_times(model, args, prompts, device, epochs=1) -> dict:
     after one warm-up epoch each, on the same prompts. Peak GPU memory of the VGPO (VAE previews) epochs."""
     reward_fn = vgpo.make_reward(args, device)  # a --reward spec, e.g. pickscore=1,aesthetic=0.5
     optimizer = vgpo.make_optimizer(model, args)
-    gen, shuffle = torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(1)
     chosen = [(p, {}) for p in prompts]
     tiny = model.parts.get("tiny_preview")
     configs = {"vgpo (vae previews)": ("vgpo", None), "grpo": ("grpo", None)}
@@ -274,8 +271,7 @@ def epoch_times(model, args, prompts, device, epochs=1) -> dict:
             model.preview_decode = preview
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            row = vgpo.train_epoch(model, chosen, dataclasses.replace(args, algo=algo), reward_fn, optimizer, gen,
-                                   shuffle)
+            row = vgpo.train_epoch(model, chosen, dataclasses.replace(args, algo=algo), reward_fn, optimizer, e)
             if device.startswith("cuda") and name == "vgpo (vae previews)":
                 peak = max(peak, torch.cuda.max_memory_allocated())
             if e > 0:
@@ -351,8 +347,7 @@ def sd3_bench(a) -> dict:
         args = _bench_args(a, prompt_file, low_memory=True, train_batch_size=4)
         model = vgpo.load_model(args)
         row = vgpo.train_epoch(model, [(p, {}) for p in prompts], args, vgpo.make_reward(args, device),
-                               vgpo.make_optimizer(model, args), torch.Generator(device).manual_seed(0),
-                               torch.Generator().manual_seed(1))  # one VGPO epoch, VAE previews
+                               vgpo.make_optimizer(model, args), 0)  # one VGPO epoch, VAE previews
         result["low_memory_epoch_s"] = row["time/epoch_s"]
         result["peak_low_memory_gib"] = _gib(torch.cuda.max_memory_allocated())
     return result

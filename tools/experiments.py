@@ -335,7 +335,7 @@ def policy_gradients(args: vgpo.Args, batches: int, seed: int = 0, model=None) -
         r = vgpo.instant_rewards(model, traj, reward_fn, metadata, previews=previews)
         _, _, adv = vgpo.credit(r, traj.group_ids, args)
         keep = _KeepGradient(params)
-        vgpo.update(model, traj, adv, keep, measure, torch.Generator().manual_seed(b))
+        vgpo.update(model, traj, adv, keep, measure)  # one optimizer step: the order does not matter
         grads.append(keep.grad)
         rewards.append(r[:, -1].mean().item())
     return grads, rewards, (time.time() - t0) / (batches * n)
