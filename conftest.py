@@ -14,6 +14,8 @@ import pytest
 
 
 def pytest_configure(config):
+    # tests/test_distributed.py: runs of two processes under torchrun (`-m distributed`, or `-m "not distributed"`)
+    config.addinivalue_line("markers", "distributed: launches runs of several processes with torchrun (gloo, CPU)")
     path = os.environ.get("VGPO_SOLUTIONS")
     if not path:
         return

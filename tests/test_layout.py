@@ -7,7 +7,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLUMBING = ("harness", "recovery")
+PLUMBING = ("harness", "recovery", "distributed")
 
 
 def python_files() -> list[str]:

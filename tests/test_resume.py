@@ -399,8 +399,8 @@ def test_bad_settings_are_one_line_and_exit_2_before_the_model_loads(field, argv
 def test_no_code_is_loaded_from_data_files():
     """In every module: torch.load only with weights_only=True, no trust_remote_code=True, no pickle, eval or exec;
     weights are written with safetensors (torch.save only writes the optimizer and random states)."""
-    for name in ("vgpo.py", "harness.py", "recovery.py", "reward.py", "shapes.py", "sd3.py", "tools/bench.py",
-                 "tools/experiments.py", "tools/notebook.py", "prompts/make_prompts.py"):
+    for name in ("vgpo.py", "harness.py", "recovery.py", "distributed.py", "reward.py", "shapes.py", "sd3.py",
+                 "tools/bench.py", "tools/experiments.py", "tools/notebook.py", "prompts/make_prompts.py"):
         tree = ast.parse(open(os.path.join(ROOT, name)).read())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
