@@ -535,7 +535,8 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ep
     except recovery.NonFiniteError as e:
         guard.record(False, f"the rollout ({e})")
         return {"guard/skipped_batches": guard.skipped, "time/rollout_s": t1 - t0, "time/epoch_s": time.time() - t0}
-    r, group_ids = distributed.gather(r), distributed.gather(traj.group_ids + groups.start)  # plumbing: torchrun: N
+    # plumbing: torchrun: the whole batch, every process's rows in group order: r (N, T), group ids (N,)
+    r, group_ids = distributed.gather(r), distributed.gather(traj.group_ids + groups.start)
     t2 = time.time()
     # --- credit: per-step values and advantages (VGPO) or one advantage for all steps (GRPO) ---
     values, weights, adv = credit(r, group_ids, args)  # Eqs. 10–13, on the whole batch
