@@ -3,9 +3,9 @@
 An RL run on SD3.5 takes hours; a crash, a Ctrl-C, a full disk or one NaN must not cost it. A checkpoint is
 a folder <output_dir>/checkpoints/epoch_NNNN/ with
     weights.safetensors   the trainable parameters by name (the whole tiny model; the LoRA weights on SD3.5)
-    state.pt              the optimizer and every random state: python, numpy, torch, and the prompt, rollout
-                          and shuffle generators (tensors, dicts and numbers only: read back with
-                          torch.load(weights_only=True), which cannot run code)
+    state.pt              the optimizer, the EMA of the weights and every random state: python, numpy, torch,
+                          and the prompt, rollout and shuffle generators (tensors, dicts and numbers only: read
+                          back with torch.load(weights_only=True), which cannot run code)
     meta.json             epoch, settings, the metric rows so far, the prompt-encoding order (Model.encoded),
                           the NaN guard's count, and the SHA-256 of the two files above
 It is written as .tmp-epoch_NNNN and renamed when complete (a rename is atomic), so a crash or a full disk
@@ -150,7 +150,7 @@ def set_rng_states(s: dict, rngs: dict) -> None:
               "the run continues correctly but not bitwise as it would have on the old device", file=sys.stderr)
 
 
-def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history) -> str | None:
+def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history, ema=None) -> str | None:
     """Write checkpoints/epoch_NNNN atomically and keep the newest `args.keep_checkpoints`. Returns its path,
     or None (with a warning; the run goes on) when it could not be written, e.g. on a full disk."""
     from safetensors.torch import save_file
@@ -163,7 +163,8 @@ def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history
         weights = {n: p.detach().cpu().contiguous()
                    for n, p in model.transformer.named_parameters() if p.requires_grad}
         save_file(weights, os.path.join(tmp, "weights.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(rngs)}, os.path.join(tmp, "state.pt"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_states(rngs),
+                    "ema": ema.state_dict() if ema is not None else {}}, os.path.join(tmp, "state.pt"))
         meta = {"epoch": epoch, "args": dataclasses.asdict(args), "history": history, "encoded": model.encoded,
                 "nan_in_a_row": guard.in_a_row,
                 "sha256": {f: _sha256(os.path.join(tmp, f)) for f in CHECKPOINT_FILES}}
@@ -201,8 +202,9 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard) -> list[dict]:
-    """Put a checkpoint's weights, optimizer state, prompt cache and random states back; returns its rows."""
+def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard, ema=None) -> list[dict]:
+    """Put a checkpoint's weights, optimizer state, EMA (a harness.WeightEMA), prompt cache and random states back;
+    returns its rows."""
     params = dict(model.transformer.named_parameters())
     if set(ckpt["weights"]) != {n for n, p in params.items() if p.requires_grad}:
         raise UsageError("the checkpoint's weights do not fit this model's trainable parameters")
@@ -210,6 +212,8 @@ def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard) -> list[
         for name, value in ckpt["weights"].items():
             params[name].copy_(value)
     optimizer.load_state_dict(ckpt["state"]["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["state"].get("ema", {}))
     for batch in ckpt["encoded"]:  # the prompt cache, filled in the original order (see Model.encoded)
         model.encode(batch)
     set_rng_states(ckpt["state"]["rng"], rngs)

@@ -325,6 +325,12 @@ def test_a_reward_model_that_raises_is_named(where, prompt_file, tmp_path, monke
 BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fresh folder
     ("model", ["--model", "nope"], "--model"), ("algo", ["--algo", "ppo"], "--algo"),
     ("reward", ["--reward", "nope"], "--reward"), ("prompts", ["--prompts", "missing.txt"], "not found"),
+    ("reward", ["--model", "sd3.5", "--reward", "shapes"], "scores the toy world's"),
+    ("task", ["--task", "ocr"], "--task ocr is a task for SD3-family models"),
+    ("task", ["--model", "sd3.5", "--task", "ppo"], "unknown --task 'ppo'"),
+    ("reward_dtype", ["--reward-dtype", "bf16"], "--reward-dtype"),
+    ("ema_decay", ["--ema-decay", "1"], "--ema-decay"),
+    ("ema_update_interval", ["--ema-update-interval", "0"], "--ema-update-interval"),
     ("prompts", ["--prompts", "{tmp}/bad.jsonl"], "bad.jsonl:2: not JSON"),
     ("prompts", ["--prompts", "{tmp}/words.txt", "--reward", "jpeg_compressibility"], "unknown: dog, purple"),
     ("seed", ["--seed", "-1"], "--seed"), ("device", ["--device", "tpu"], "--device"),
