@@ -61,9 +61,10 @@ def _check_same(saved: dict, given: dict, where: str) -> None:
                              f"only {', '.join(map(flag, SAFE_ON_RESUME))}; start a new run to change {flag(k)}")
 
 
-def resume_args(args_cls, resume: str, **given):
+def resume_args(args_cls, resume: str, older: dict | None = None, **given):
     """The settings (an `args_cls`) of the run in folder `resume` (its args.json), updated with the flags in
-    `given` that are safe to change (SAFE_ON_RESUME); any other flag given must repeat the saved value."""
+    `given` that are safe to change (SAFE_ON_RESUME); any other flag given must repeat the saved value. `older`:
+    the values of fields an args.json written before they existed lacks (how such a run ran)."""
     try:
         with open(os.path.join(resume, "args.json")) as f:
             saved = json.load(f)
@@ -72,7 +73,7 @@ def resume_args(args_cls, resume: str, **given):
                          "give a run's output folder") from None
     if given.get("output_dir") and os.path.abspath(given["output_dir"]) != os.path.abspath(resume):
         raise UsageError("a resumed run continues in its own folder: drop --output-dir")
-    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(args_cls)}}
+    saved = {**(older or {}), **{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(args_cls)}}}
     _check_same(saved, given, f"the run in {resume}")
     safe = {k: v for k, v in given.items() if k in SAFE_ON_RESUME}
     return args_cls(**{**saved, **safe, "resume": resume, "output_dir": resume})

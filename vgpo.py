@@ -128,6 +128,10 @@ class Args:
     lora_rank: int = _f(32, "LoRA rank r on the attention projections (SD3)")
     lora_alpha: float = _f(64.0, "LoRA α (the adapter is scaled by α/r)")
 
+    def __post_init__(self):  # 'auto' is the model's own task, so that a run always names its task
+        if self.task == "auto":
+            self.task = "shapes" if self.model == "tiny" else "ocr"
+
 
 # The toy preset, applied with --model tiny to every field the user did not set (make_args, at the end; the
 # runs behind these choices are in results/RESULTS.md).
@@ -661,6 +665,8 @@ def train(args: Args) -> list[dict]:
 # micro-batch 8 with CFG is a batch of 16 through the transformer; 4 halves its activations, and ×8 accumulation
 # keeps 2 optimizer steps per epoch at N = 64. One image per VAE call and host-memory prompts are set in sd3.py.
 LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4)
+# --resume of a run saved before these fields existed: it ran without the EMA, on its model's own task
+OLDER_RUNS = dict(ema_decay=0.0, task="auto")
 PRESET_ORDER = "your flags > --low-memory > the task's preset (--task) > the model's (--model tiny) > the default"
 
 
@@ -668,8 +674,7 @@ def make_args(**overrides) -> Args:
     """Args for `overrides`: what the user set > --low-memory > TASKS[task] > PRESETS[model] > the Args default.
     `task` 'auto' becomes the model's own task: 'shapes' on the tiny model, 'ocr' on SD3-family models."""
     model = overrides.get("model", Args.model)
-    task = overrides.get("task", Args.task)
-    task = ("shapes" if model == "tiny" else "ocr") if task == "auto" else task
+    task = Args(model=model, task=overrides.get("task", Args.task)).task  # 'auto' resolved
     if task not in TASKS:
         raise UsageError(f"unknown --task {task!r}: use {', '.join(TASKS)} or auto")
     low_memory = LOW_MEMORY if overrides.get("low_memory") and model != "tiny" else {}
@@ -686,7 +691,7 @@ def parse_args(argv=None) -> Args:
     presets = {f"--model {m}": p for m, p in PRESETS.items()} | {f"--task {t}": p for t, p in TASKS.items()}
     intro = __doc__.split("\n\n")[0]
     given = harness.read_flags(argv, Args, presets, f"{intro} Presets: {PRESET_ORDER}.")
-    return recovery.resume_args(Args, **given) if given.get("resume") else make_args(**given)
+    return recovery.resume_args(Args, older=OLDER_RUNS, **given) if given.get("resume") else make_args(**given)
 
 
 def main(argv=None) -> int:
