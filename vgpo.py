@@ -150,8 +150,7 @@ PRESETS = {
         gradient_accumulation_steps=1,  # 4 optimizer steps per epoch: one rollout's gradient is mostly noise,
         #                                 and more, smaller steps average it out
         eval_batch_size=128,
-        scale_rewards="group", ema_decay=0.0,  # as every toy run in results/ was measured: Flow-GRPO's batch std
-        #                                        and EMA were not tried on the toy model
+        scale_rewards="group", ema_decay=0.0,  # as the toy runs in results/ (Flow-GRPO's batch std and EMA: untried)
     ),
 }
 # The paper's three tasks (--task), each with Flow-GRPO's SD3.5 config for it (its config/grpo.py:
