@@ -108,7 +108,7 @@ def _flow_grpo_ema(thetas, decay, interval):
     return out
 
 
-def test_the_ema_follows_flow_grpos_schedule_and_swaps_back_bitwise():
+def test_the_ema_follows_flow_grpos_schedule_and_swaps_back_bitwise(tmp_path):
     """WeightEMA on 100 optimizer steps equals Flow-GRPO's formula (warm-up (1+s)/(10+s), decay 0.9 from step 80,
     updates after steps 7, 15, …); `applied()` shows the EMA and puts the trained weights back bitwise; its state
     goes through torch.save / torch.load(weights_only=True) and a new WeightEMA restores it exactly."""
@@ -133,10 +133,8 @@ def test_the_ema_follows_flow_grpos_schedule_and_swaps_back_bitwise():
         for a, b in zip(seen[s], want[s]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert ema.updates == 12 and not torch.allclose(seen[100][0], thetas[100][0])
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vgpo-ema-{os.getpid()}.pt")
-    torch.save(ema.state_dict(), path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    os.remove(path)
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    state = torch.load(tmp_path / "ema.pt", map_location="cpu", weights_only=True)
     other = harness.WeightEMA(torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1), 0.9, 8)
     other.load_state_dict(state)
     assert other.steps == 100 and other.ema.optimization_step == ema.ema.optimization_step
