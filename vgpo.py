@@ -76,9 +76,9 @@ class Args:
     anchor_coef: float = _f(1.0, "κ, coefficient α_k of the absolute advantage term (Eqs. 12–13, reading 4); 0 = off")
     anchor_steps: int = _f(5, "the absolute term is on for the first this many steps (Eqs. 12–13)")
     temporal_values: bool = _f(True, "instant rewards and step weights ω (off: terminal reward only, ω ≡ 1; reading 6)")
-    scale_rewards: str = _f("batch", "the divisor of group-centred advantages, GRPO's and VGPO's relative term alike "
-                                     "(reading 5): the std over the 'group', the 'batch' (Flow-GRPO's global_std) or "
-                                     "'none'")
+    scale_rewards: str = _f("auto", "the divisor of group-centred advantages, GRPO's and VGPO's relative term alike "
+                                    "(reading 5): the std over the 'group', the 'batch' (Flow-GRPO's global_std) or "
+                                    "'none'; 'auto': 'batch' for GRPO (Flow-GRPO's), 'group' for VGPO (Eq. 12)")
     adv_clip_max: float = _f(5.0, "advantages are clipped to ±this (reading 5)")
     clip_range: float = _f(1e-4, "ε, ratio clip range of the loss (small: the log-prob is averaged over dims)")
     beta: float = _f(0.004, "β, KL penalty weight (reading 7: Flow-GRPO's 0.04 without dt ≈ 0.004 with dt)")
@@ -128,9 +128,11 @@ class Args:
     lora_rank: int = _f(32, "LoRA rank r on the attention projections (SD3)")
     lora_alpha: float = _f(64.0, "LoRA α (the adapter is scaled by α/r)")
 
-    def __post_init__(self):  # 'auto' is the model's own task, so that a run always names its task
-        if self.task == "auto":
+    def __post_init__(self):  # 'auto' resolved here, so that a run's args.json says what it ran
+        if self.task == "auto":  # the model's own task
             self.task = "shapes" if self.model == "tiny" else "ocr"
+        if self.scale_rewards == "auto":  # each algorithm as its source defines it
+            self.scale_rewards = "batch" if self.algo == "grpo" else "group"
 
 
 # The toy preset, applied with --model tiny to every field the user did not set (make_args, at the end; the

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # leaves out dt, so its β is ×0.1 here (reading 7)
 FLOW_GRPO_1GPU = dict(num_steps=10, eval_steps=40, guidance_scale=4.5, resolution=512, num_generations=8,
                       prompts_per_epoch=8, train_batch_size=8, gradient_accumulation_steps=4, eval_batch_size=16,
-                      sde_steps=0, scale_rewards="batch", ema_decay=0.9, ema_update_interval=8, learning_rate=3e-4,
+                      sde_steps=0, ema_decay=0.9, ema_update_interval=8, learning_rate=3e-4,
                       weight_decay=1e-4, max_grad_norm=1.0, adv_clip_max=5.0, clip_range=1e-4, noise_level=0.7,
                       lora_rank=32, lora_alpha=64.0, reward_dtype="fp32")
 TASKS = {"ocr": ("ocr", "ocr", 0.04), "pickscore": ("preference", "pickscore", 0.01),
@@ -39,6 +39,10 @@ def test_each_task_is_flow_grpos_config_on_one_gpu(task):
     assert args.prompts_per_epoch * args.num_generations // (args.train_batch_size * args.gradient_accumulation_steps) \
         == 2  # two optimizer steps per epoch, as every Flow-GRPO SD3 config
     assert vgpo.make_args(model="stabilityai/stable-diffusion-3.5-large", task=task).reward == reward_name
+    # GRPO's advantage ÷ the batch's std as Flow-GRPO's global_std; VGPO's relative term ÷ the group's, as Eq. 12
+    assert (args.algo, args.scale_rewards) == ("vgpo", "group")
+    assert vgpo.make_args(model="sd3.5", task=task, algo="grpo").scale_rewards == "batch"
+    assert vgpo.make_args(model="sd3.5", task=task, scale_rewards="batch").scale_rewards == "batch"
 
 
 def test_presets_apply_in_order_and_the_tiny_preset_is_unchanged():
