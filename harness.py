@@ -8,6 +8,7 @@ resuming, signals and the NaN guard are in recovery.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -48,15 +49,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def read_flags(argv, args_cls, preset: dict, description: str) -> dict:
+def read_flags(argv, args_cls, presets: dict[str, dict], description: str) -> dict:
     """{field: value} of the flags typed, one per field of the dataclass `args_cls`: `--field-name VALUE`,
-    `--flag/--no-flag`; the help is the field's, with its default and its value in `preset`."""
+    `--flag/--no-flag`; the help is the field's, with its default and its value in each of `presets`
+    ({label: {field: value}}, e.g. {'--model tiny': {...}, '--task ocr': {...}})."""
     # SUPPRESS: a flag the user did not type is absent from the result, so a preset can fill it
     p = Parser(description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(args_cls):
         ftype = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-        tiny = f"; tiny: {preset[f.name]}" if f.name in preset else ""
-        help = f"{f.metadata['help']} (default: {f.default!r}{tiny})"
+        filled = "".join(f"; {label}: {preset[f.name]!r}" for label, preset in presets.items() if f.name in preset)
+        help = f"{f.metadata['help']} (default: {f.default!r}{filled})"
         if ftype is bool:
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help)
         else:
@@ -80,10 +82,28 @@ def validate(args) -> None:
         if f.type == "float" and not math.isfinite(getattr(args, f.name)):
             raise UsageError(f"{flag(f.name)} must be a finite number")
     sd3_named = args.model in sd3.HUB_IDS
+    try:  # names, weights and @DIR folders; the models themselves load in make_reward
+        terms = reward.parse_reward_spec(args.reward)
+    except reward.RewardUnavailable as e:
+        raise UsageError(f"--reward: {e}") from None
+    # a reward that cannot score this model's images would train on noise: the shapes verifier reads black 32×32
+    # scenes, and photo rewards (a detector, CLIP, OCR) read nothing meaningful in those scenes
+    draws = "toy" if args.model == "tiny" else "photo"
+    foreign = [name for name, _, _ in terms if reward.IMAGES.get(name, "any") not in ("any", draws)]
     checks = [
         (args.model == "tiny" or sd3.is_model_name(args.model),
          f"unknown --model {args.model!r}: use 'tiny', 'sd3.5', 'sd3.5-large', a hub id (owner/name) or a local "
          "diffusers folder"),
+        (args.model != "tiny" or args.task == "shapes",
+         f"--task {args.task} is a task for SD3-family models: --model tiny draws only the toy world (--task shapes)"),
+        (args.model == "tiny" or args.task != "shapes",
+         f"--task shapes is the toy world of --model tiny: give --model {args.model} --task ocr, pickscore or geneval"),
+        (not foreign or draws == "photo",
+         f"--reward {','.join(foreign)} scores photographs, and --model tiny draws 32×32 toy scenes: use --reward "
+         "shapes_strict, shapes or jpeg_compressibility (photo rewards need an SD3-family --model)"),
+        (not foreign or draws == "toy",
+         f"--reward {','.join(foreign)} scores the toy world's 32×32 scenes, and --model {args.model} draws "
+         "photographs: give --task ocr, pickscore or geneval, or --reward ocr, pickscore, aesthetic, geneval"),
         (not sd3_named or args.random_weights or resolve_device(args) != "cpu",
          f"--model {args.model} needs a CUDA GPU and none is here: use --model tiny on the CPU, or --random-weights "
          "to plan memory and speed, or a small local SD3 folder"),
@@ -107,6 +127,9 @@ def validate(args) -> None:
         (args.sde_steps >= 0, "--sde-steps must be ≥ 0 (0, or any value ≥ num_steps − 1: every step but the last)"),
         (0 < args.clip_range < 1, f"--clip-range must be in (0, 1), got {args.clip_range}"),
         (args.beta >= 0 and args.anchor_coef >= 0, "--beta and --anchor-coef must be ≥ 0"),
+        (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (0 = no EMA), got {args.ema_decay}"),
+        (args.ema_update_interval >= 1, "--ema-update-interval must be ≥ 1 (optimizer steps between EMA updates)"),
+        (args.reward_dtype in ("fp32", "fp16"), f"--reward-dtype {args.reward_dtype!r}: use 'fp32' or 'fp16'"),
         (args.guidance_scale >= 1, "--guidance-scale must be ≥ 1 (1 = no classifier-free guidance)"),
         (args.scale_rewards in ("group", "batch", "none"), "--scale-rewards must be 'group', 'batch' or 'none'"),
         (args.adv_clip_max > 0, "--adv-clip-max must be > 0"),
@@ -136,10 +159,6 @@ def validate(args) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    try:  # names, weights and @DIR folders; the models themselves load in make_reward
-        reward.parse_reward_spec(args.reward)
-    except reward.RewardUnavailable as e:
-        raise UsageError(f"--reward: {e}") from None
     # every optimizer step must see the same number of trajectories, or the last one would be a partial,
     # noisier step (and the gradient-accumulation divisor in vgpo.update would be wrong for it)
     k, n = distributed.world_size(), args.prompts_per_epoch * args.num_generations
@@ -236,6 +255,72 @@ def save_policy(model: Model, folder: str) -> str:
     return os.path.join(folder, "transformer.safetensors")
 
 
+class WeightEMA:
+    """Flow-GRPO's exponential moving average of the trained weights θ, which is what a run evaluates and saves.
+    After optimizer step s (counted from 1) with (s + 1) mod `interval` = 0, ema ← ema − (1 − d_s)·(ema − θ) with
+    d_s = min((1 + s)/(10 + s), decay): a short memory early, `decay` from step 80 on (decay 0.9). It starts at θ.
+    decay = 0: no EMA, every method does nothing. diffusers' EMAModel keeps the copy and does the arithmetic."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, decay: float, interval: int):
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.interval, self.steps = interval, 0  # steps: optimizer steps taken
+        self.ema = None
+        if decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=decay)
+            # it follows the optimizer: the update loop needs no EMA call (a skipped NaN step is not counted)
+            optimizer.register_step_post_hook(lambda *_: self._after_step())
+
+    @property
+    def updates(self) -> int:
+        """EMA updates so far: the steps s ≤ self.steps with (s + 1) mod interval = 0."""
+        return (self.steps + 1) // self.interval - 1 // self.interval
+
+    def _after_step(self) -> None:
+        self.steps += 1
+        if (self.steps + 1) % self.interval == 0:  # Flow-GRPO's test, with its global_step = s
+            # EMAModel's warm-up (1 + n)/(10 + n) counts its own updates, Flow-GRPO's optimizer steps: its counter is
+            # set to s (step() adds 1, get_decay takes 1 off again), so n = s as in Flow-GRPO
+            self.ema.optimization_step = self.steps
+            self.ema.step(self.params)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Inside: the model holds the EMA weights (to evaluate or save them); after: the trained weights again,
+        bitwise."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    def state_dict(self) -> dict:
+        """The averaged weights and the step count (tensors and numbers: torch.load(weights_only=True) reads it)."""
+        return {"steps": self.steps, "ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put a state_dict() back; an empty one (a checkpoint of a run without EMA) starts it at the weights now."""
+        if self.ema is None:
+            return
+        if not state:
+            self.ema.shadow_params = [p.detach().clone() for p in self.params]
+            return
+        self.steps = state["steps"]
+        self.ema.load_state_dict(state["ema"])
+        self.ema.to(device=self.params[0].device)
+
+    def describe(self) -> str:
+        if self.ema is None:
+            return "no EMA: the trained weights are evaluated and saved"
+        return (f"EMA of the weights (decay {self.ema.decay}, after optimizer steps s with (s + 1) mod "
+                f"{self.interval} = 0) is evaluated and saved")
+
+
 def make_reward(args, device: str, prompts: list[tuple[str, dict]] = ()):
     """The reward of `--reward` (reward.load_reward: one reward or a weighted sum, each model loaded once),
     checked against the run's (prompt, metadata) pairs. Absent reward weights, and prompts the reward
@@ -251,7 +336,8 @@ def make_reward(args, device: str, prompts: list[tuple[str, dict]] = ()):
         except Exception as e:
             raise RewardCrashed(f"the reward {args.reward!r} raised {type(e).__name__}: {e}") from e
 
-    fn = call(reward.load_reward, args.reward, device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.reward_dtype]
+    fn = call(reward.load_reward, args.reward, device, dtype)
     if hasattr(fn, "check_prompts"):
         call(fn.check_prompts, list(prompts))
     wrapped = lambda *a: call(fn, *a)  # noqa: E731
@@ -428,22 +514,24 @@ class RunFolder:
         rows = [idx[:6] for idx in list(firsts.values())[:: max(1, len(firsts) // 8)][:8]]
         save_grid(images, prompts, rows, os.path.join(self.path, "samples", f"epoch_{epoch:04d}.png"))
 
-    def startup_box(self, args, model: Model, params, trained_steps: int) -> None:
-        """The derived numbers, to double-check before a long run."""
+    def startup_box(self, args, model: Model, params, trained_steps: int, notes: tuple[str, ...] = ()) -> None:
+        """The derived numbers, to double-check before a long run; `notes`: more lines (which presets applied, the
+        EMA)."""
         if not self.writer:
             return
         k, n = distributed.world_size(), args.prompts_per_epoch * args.num_generations
         micro = n // k // args.train_batch_size  # per process; validate() guarantees these divisions are exact
         each = f" per process ({k} processes, {args.prompts_per_epoch // k} prompts each; gradients averaged)"
+        scaled = f"÷ the {args.scale_rewards} std" if args.scale_rewards != "none" else "not scaled"
         lines = [
-            f"VGPO reference run: --algo {args.algo}, --model {args.model}, --reward {args.reward}, "
-            f"device {model.device}",
+            f"VGPO reference run: --algo {args.algo}, --task {args.task}, --model {args.model}, --reward "
+            f"{args.reward}, --prompts {args.prompts}, device {model.device}",
             f"N = P·G = {args.prompts_per_epoch}·{args.num_generations} = {n} trajectories per epoch, "
             f"T = {args.num_steps} steps ({trained_steps} SDE steps, trained), guidance g = {args.guidance_scale}",
             f"{micro} micro-batches of {args.train_batch_size}{each if k > 1 else ''}, "
             f"{micro // args.gradient_accumulation_steps} optimizer steps per epoch, {args.epochs} epochs",
             f"trainable parameters {sum(p.numel() for p in params) / 1e6:.2f} M, lr {args.learning_rate}, "
-            f"ε = {args.clip_range}, β = {args.beta}",
+            f"ε = {args.clip_range}, β = {args.beta}, advantages {scaled}",
         ]
         if args.model != "tiny":
             lines.append(f"{args.resolution} px, latents {tuple(model.latent_shape)}, {model.parts['dtype']}, "
@@ -454,24 +542,40 @@ class RunFolder:
         if args.algo == "vgpo":
             lines.append(f"γ = {args.gamma}, κ = {args.anchor_coef} on the first {args.anchor_steps} steps, "
                          f"temporal values {'on' if args.temporal_values else 'off'}")
-        lines.append(f"outputs: {self.path}")
+        lines += [*notes, f"outputs: {self.path}"]
         width = max(len(s) for s in lines)
         print("┌" + "─" * (width + 2) + "┐\n" + "\n".join(f"│ {s:<{width}} │" for s in lines) + "\n└"
               + "─" * (width + 2) + "┘", flush=True)
 
-    def finish(self, model: Model, history: list[dict]) -> None:
-        """The trained weights (SD3: only the LoRA, in lora/; tiny: transformer.safetensors), curves.png and
-        the held-out accuracy before and after."""
+    def finish(self, model: Model, history: list[dict], ema: WeightEMA | None = None) -> None:
+        """The trained weights, or their EMA when `ema` keeps one (SD3: only the LoRA, in lora/; tiny:
+        transformer.safetensors), curves.png and the held-out accuracy before and after."""
         if not self.writer:
             return
         lora = getattr(model.transformer, "peft_config", None)
-        path = save_policy(model, os.path.join(self.path, "lora") if lora else self.path)
-        print(f"trained weights: {path}", flush=True)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            path = save_policy(model, os.path.join(self.path, "lora") if lora else self.path)
+        if ema is not None and ema.ema is not None:  # a short run may end before the first EMA update
+            print(f"EMA of the trained weights ({ema.updates} update(s); the last checkpoint holds the raw ones): "
+                  f"{path}", flush=True)
+        else:
+            print(f"trained weights: {path}", flush=True)
         plot_curves(history, os.path.join(self.path, "curves.png"))
         first, last = history[0], history[-1]
         if "eval/strict_accuracy" in first:
             print(f"held-out strict accuracy {first['eval/strict_accuracy']:.3f} → "
                   f"{last['eval/strict_accuracy']:.3f}; outputs in {self.path}")
+
+
+def presets_note(args, tasks: dict, models: dict) -> str:
+    """For the startup box: the task preset (tasks[args.task]) and model preset (models[args.model]) behind `args`,
+    with the task's values the user did not change."""
+    task = ", ".join(f"{k} {v}" for k, v in tasks[args.task].items() if getattr(args, k) == v)
+    model = models.get(args.model, {})
+    kept = sum(getattr(args, k) == v for k, v in model.items())
+    return (f"presets (flags > --low-memory > task > model > default): task {args.task}: {task or 'all overridden'}; "
+            f"model {args.model}: {f'{kept} of its {len(model)} settings' if model else 'none'}"
+            f"{'; --low-memory' if args.low_memory else ''}")
 
 
 def summary_line(row: dict, epochs: int) -> str:

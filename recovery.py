@@ -3,9 +3,10 @@
 An RL run on SD3.5 takes hours; a crash, a Ctrl-C, a full disk or one NaN must not cost it. A checkpoint is
 a folder <output_dir>/checkpoints/epoch_NNNN/ with
     weights.safetensors   the trainable parameters by name (the whole tiny model; the LoRA weights on SD3.5)
-    state.pt              the optimizer, and for each process its random states (python, numpy, torch, the
-                          prompt generator) and prompt-encoding order (Model.encoded) (tensors, dicts, strings
-                          and numbers only: read back with torch.load(weights_only=True), which cannot run code)
+    state.pt              the optimizer, the EMA of the weights, and for each process its random states (python,
+                          numpy, torch, the prompt generator) and prompt-encoding order (Model.encoded) (tensors,
+                          dicts, strings and numbers only: read back with torch.load(weights_only=True), which
+                          cannot run code)
     meta.json             epoch, settings, the number of processes, the metric rows so far, the NaN guard's
                           count, and the SHA-256 of the two files above
 It is written as .tmp-epoch_NNNN and renamed when complete (a rename is atomic), so a crash or a full disk
@@ -82,10 +83,11 @@ def for_these_processes(saved: dict, processes: int, where: str, say: bool = Tru
     return {**saved, "gradient_accumulation_steps": accum * processes // k}
 
 
-def resume_args(args_cls, resume: str, **given):
+def resume_args(args_cls, resume: str, older: dict | None = None, **given):
     """The settings (an `args_cls`) of the run in folder `resume` (its args.json), updated with the flags in
     `given` that are safe to change (SAFE_ON_RESUME); any other flag given must repeat the saved value (the
-    gradient accumulation rescaled when the number of processes changed: for_these_processes)."""
+    gradient accumulation rescaled when the number of processes changed: for_these_processes). `older`: the
+    values of fields an args.json written before they existed lacks (how such a run ran)."""
     try:
         with open(os.path.join(resume, "args.json")) as f:
             saved = json.load(f)
@@ -95,7 +97,7 @@ def resume_args(args_cls, resume: str, **given):
     if given.get("output_dir") and os.path.abspath(given["output_dir"]) != os.path.abspath(resume):
         raise UsageError("a resumed run continues in its own folder: drop --output-dir")
     processes = saved.get("processes", 1)
-    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(args_cls)}}
+    saved = {**(older or {}), **{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(args_cls)}}}
     saved = for_these_processes(saved, processes, f"the run in {resume}")
     _check_same(saved, given, f"the run in {resume}")
     safe = {k: v for k, v in given.items() if k in SAFE_ON_RESUME}
@@ -174,7 +176,7 @@ def set_rng_states(s: dict, rngs: dict) -> None:
         gen.bit_generator.state = s[name]
 
 
-def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history) -> str | None:
+def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history, ema=None) -> str | None:
     """Write checkpoints/epoch_NNNN atomically and keep the newest `args.keep_checkpoints`. Returns its path,
     or None (with a warning; the run goes on) when it could not be written, e.g. on a full disk. Under torchrun
     every process calls it: process 0 writes, with every process's random states and prompt-encoding order."""
@@ -192,7 +194,8 @@ def save_checkpoint(out_dir, epoch, args, model, optimizer, rngs, guard, history
         weights = {n: p.detach().cpu().contiguous()
                    for n, p in model.transformer.named_parameters() if p.requires_grad}
         save_file(weights, os.path.join(tmp, "weights.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "per_process": per_process}, os.path.join(tmp, "state.pt"))
+        torch.save({"optimizer": optimizer.state_dict(), "per_process": per_process,
+                    "ema": ema.state_dict() if ema is not None else {}}, os.path.join(tmp, "state.pt"))
         meta = {"epoch": epoch, "args": dataclasses.asdict(args), "history": history,
                 "processes": len(per_process), "nan_in_a_row": guard.in_a_row,
                 "sha256": {f: _sha256(os.path.join(tmp, f)) for f in CHECKPOINT_FILES}}
@@ -230,10 +233,11 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard) -> list[dict]:
-    """Put a checkpoint's weights, optimizer state, prompt cache and random states back; returns its rows. Process
-    r takes process r's random states and prompt order (process 0's if the run had fewer processes: the loop
-    draws nothing from the global generators, and the prompt generator is the same on every process)."""
+def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard, ema=None) -> list[dict]:
+    """Put a checkpoint's weights, optimizer state, EMA (a harness.WeightEMA), prompt cache and random states back;
+    returns its rows. Process r takes process r's random states and prompt order (process 0's if the run had fewer
+    processes: the loop draws nothing from the global generators, and the prompt generator is the same on every
+    process)."""
     params = dict(model.transformer.named_parameters())
     if set(ckpt["weights"]) != {n for n, p in params.items() if p.requires_grad}:
         raise UsageError("the checkpoint's weights do not fit this model's trainable parameters")
@@ -241,6 +245,8 @@ def restore_checkpoint(ckpt: dict, model, optimizer, rngs: dict, guard) -> list[
         for name, value in ckpt["weights"].items():
             params[name].copy_(value)
     optimizer.load_state_dict(ckpt["state"]["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["state"].get("ema", {}))
     # (a checkpoint written before runs could span processes: one process's states, its prompt order in meta)
     saved = ckpt["state"].get("per_process") or [{"rng": ckpt["state"]["rng"], "encoded": ckpt["encoded"]}]
     mine = saved[distributed.rank()] if distributed.rank() < len(saved) else saved[0]

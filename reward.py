@@ -280,11 +280,10 @@ def _has_processor(folder) -> bool:
     return bool(folder) and any(os.path.isfile(os.path.join(folder, f)) for f in _PROCESSOR_FILES)
 
 
-def _default_dtype(device) -> torch.dtype:
-    # fp16 on a GPU halves the reward model's memory (CLIP was trained in mixed precision). Not bf16: its
-    # 8-bit mantissa (~0.4% per number) could move a PickScore of ~22 by ~0.1 (an estimate, not measured),
-    # while the images of one group may differ by only a few tenths
-    return torch.float16 if str(device).startswith("cuda") else torch.float32
+def _reward_dtype(dtype) -> torch.dtype:
+    # fp32 unless asked (--reward-dtype fp16), as Flow-GRPO scores PickScore: after ÷26 the images of one group
+    # differ by ~1e-2, and those differences are the whole signal of a group-relative advantage
+    return dtype or torch.float32
 
 
 def clip_pixels(images: torch.Tensor, processor, device, dtype=torch.float32) -> torch.Tensor:
@@ -332,7 +331,7 @@ def pickscore(device="cpu", local_dir=None, *, model=None, processor=None, dtype
     model = _pretrained(tf.CLIPModel, model or local_dir or PICKSCORE_MODEL, "pickscore")
     processor = _pretrained(tf.AutoProcessor,
                             processor or (local_dir if _has_processor(local_dir) else PICKSCORE_PROCESSOR), "pickscore")
-    dtype = dtype or _default_dtype(device)
+    dtype = _reward_dtype(dtype)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     scale = model.logit_scale.float().exp()  # stored as a log: exp gives the multiplier, ≈ 100 for CLIP-H
     max_len = min(processor.tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
@@ -428,7 +427,7 @@ def aesthetic(device="cpu", local_dir=None, *, clip=None, processor=None, head=N
         clip.text_model, clip.text_projection = torch.nn.Identity(), torch.nn.Identity()
     processor = _pretrained(tf.AutoImageProcessor,
                             processor or (local_dir if _has_processor(local_dir) else AESTHETIC_CLIP), "aesthetic")
-    dtype = dtype or _default_dtype(device)
+    dtype = _reward_dtype(dtype)
     clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -765,7 +764,7 @@ def geneval(device="cpu", local_dir=None, *, strict: bool = False, detector=None
     with _quiet_loading():
         processor = _pretrained(tf.AutoProcessor, processor or (clip_dir if _has_processor(clip_dir) else GENEVAL_CLIP),
                                 "geneval")
-    dtype = dtype or _default_dtype(device)
+    dtype = _reward_dtype(dtype)
     # the detector in fp32 as in GenEval: its scores are compared with fixed thresholds
     det = det.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -853,8 +852,13 @@ REWARDS = {
     "aesthetic": aesthetic,
     "geneval": geneval,
     # the exact 0/1 score: sparse, as shapes_strict; geneval's partial credit is Flow-GRPO's training reward
-    "geneval_strict": lambda device="cpu", local_dir=None: geneval(device, local_dir, strict=True),
+    "geneval_strict": lambda device="cpu", local_dir=None, dtype=None: geneval(device, local_dir, strict=True,
+                                                                                 dtype=dtype),
 }
+# The images each reward can score: 'toy' (the shapes world's 32×32 scenes, --model tiny), 'photo' (natural
+# images: SD3-family models) or 'any'. vgpo refuses a reward that cannot score the model's images at start-up.
+IMAGES = {"shapes": "toy", "shapes_strict": "toy", "jpeg_compressibility": "any", "ocr": "photo", "pickscore": "photo",
+          "aesthetic": "photo", "geneval": "photo", "geneval_strict": "photo"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -897,16 +901,22 @@ def parse_reward_spec(spec: str) -> list[tuple[str, str | None, float]]:
     return terms
 
 
-def load_reward(spec: str, device="cpu"):
-    """The reward function of a --reward spec: each named reward built once, summed with its weight.
+def load_reward(spec: str, device="cpu", dtype=None):
+    """The reward function of a --reward spec: each named reward built once, summed with its weight. `dtype`
+    (default fp32) goes to the rewards that run a CLIP model.
 
     A single reward with weight 1 is returned as its factory made it (its own metrics included). A sum
     also reports its components in `metrics` ({'score': R, 'pickscore': …, 'aesthetic': …}, and a
     component's own metrics as 'NAME/KEY'). The weights
     are not normalised: keep their sum near 1 to keep R in [0, 1], the scale VGPO's anchor assumes."""
     terms = parse_reward_spec(spec)
-    built = [(name, w, REWARDS[name](device, local_dir=folder) if folder else REWARDS[name](device))
-             for name, folder, w in terms]
+    def build(name, folder):
+        kw = {"local_dir": folder} if folder else {}
+        if dtype is not None and "dtype" in inspect.signature(REWARDS[name]).parameters:
+            kw["dtype"] = dtype
+        return REWARDS[name](device, **kw)
+
+    built = [(name, w, build(name, folder)) for name, folder, w in terms]
     if len(built) == 1 and built[0][1] == 1.0:
         return built[0][2]
 

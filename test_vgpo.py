@@ -1,5 +1,6 @@
 """Tests of the method: each one checks a claim made in vgpo.py, shapes.py or the README. Run: python -m pytest -q
 (the plumbing, rewards, SD3 path, tutorial and layout are tested in tests/)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -203,6 +204,85 @@ def test_vgpo_reduces_to_grpo_without_anchor_weights_and_instant_rewards():
         q = vgpo.temporal_values(r, gamma)
         adv = vgpo.vgpo_advantages(q, groups, gamma, 0.0, 3, 5.0, weights=torch.ones(N, T))
         torch.testing.assert_close(adv, grpo, atol=tol, rtol=tol)
+
+
+def _flow_grpo_global_std(prompts, rewards, clip):
+    """Flow-GRPO's advantage with global_std=True, computed independently in float64 numpy: by prompt string,
+    (R − that prompt's mean) / (np.std of every reward of the epoch + 1e-4), then clipped as its loss does."""
+    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
+    out = np.empty_like(rewards)
+    for p in set(prompts.tolist()):
+        out[prompts == p] = (rewards[prompts == p] - rewards[prompts == p].mean()) / (rewards.std() + 1e-4)
+    return np.clip(out, -clip, clip)
+
+
+def test_grpo_with_batch_scaling_is_flow_grpos_formula_and_the_sd3_default():
+    """`--scale-rewards batch` (the SD3 default) equals Flow-GRPO's global-std advantage on a hand-made batch whose
+    groups are interleaved, one of them uniform and one with an advantage beyond the clip; the tiny preset keeps
+    'group'."""
+    prompts = ["cat", "dog", "cat", "owl", "dog", "cat", "owl", "dog", "cat", "owl", "dog", "owl", "fox", "fox"]
+    rewards = [0.9, 0.2, 0.7, 0.5, 0.3, 0.8, 0.5, 0.25, 0.95, 0.5, 0.2, 0.5, 0.0, 0.999]
+    ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    group_ids = torch.tensor([ids[p] for p in prompts])
+    want = _flow_grpo_global_std(prompts, rewards, 1.5)
+    args = vgpo.make_args(model="sd3.5", algo="grpo", adv_clip_max=1.5)
+    assert args.scale_rewards == "batch" and vgpo.make_args(model="tiny").scale_rewards == "group"
+    r = torch.zeros(len(rewards), 4)
+    r[:, -1] = torch.tensor(rewards)
+    _, _, adv = vgpo.credit(r, group_ids, dataclasses.replace(args, num_steps=4))
+    torch.testing.assert_close(adv, torch.tensor(want, dtype=torch.float32)[:, None].expand(-1, 4), atol=1e-6, rtol=0)
+    assert (adv[[3, 6, 9, 11]] == 0).all() and adv.abs().max() == 1.5  # the uniform 'owl' group; the clip bit
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_vgpos_relative_term_follows_scale_rewards_per_step(scale):
+    """Reading 5: VGPO's relative term at step k is (Q_k − group mean of Q_k) divided by the std of Q_k over the
+    group, over the whole batch, or not at all, as --scale-rewards says for GRPO; checked with κ = 0, ω ≡ 1
+    against a per-step loop, and through credit() with the run's setting."""
+    g = torch.Generator().manual_seed(3)
+    N, T = 12, 5
+    values = torch.rand(N, T, generator=g)
+    group_ids = torch.tensor([0, 1, 2] * 4)
+    want = torch.empty(N, T)
+    for k in range(T):
+        for i in range(N):
+            peers = values[group_ids == group_ids[i], k]
+            spread = {"group": peers.std(unbiased=False), "batch": values[:, k].std(unbiased=False)}.get(scale)
+            want[i, k] = (values[i, k] - peers.mean()) / (spread + 1e-4 if spread is not None else 1.0)
+    got = vgpo.vgpo_advantages(values, group_ids, 0.9, 0.0, 3, 100.0, weights=torch.ones(N, T), scale_rewards=scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    r = torch.zeros(N, T)
+    r[:, -1] = values[:, -1]
+    args = vgpo.make_args(model="sd3.5", scale_rewards=scale, anchor_coef=0.0, num_steps=T, gamma=1.0,
+                          temporal_values=False, adv_clip_max=100.0)
+    _, _, adv = vgpo.credit(r, group_ids, args)  # γ = 1, terminal reward only: every Q_k is R
+    torch.testing.assert_close(adv[:, 0], want[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_readings_numbers_the_readme_quotes():
+    """tools.readings: one success among 8 with κ = 0 — the relative term sums to 0 over the group at every step,
+    ω·relative does not (√7·(ω_k − 1) with the success's ω_k); on a PickScore-like reward the absolute term is
+    ω·κ·Q̄ = ω_k·R > 0 on steps 0–4 for every sample, so with batch scaling every anchored advantage is positive."""
+    from tools import readings
+
+    T = readings.T
+    for previews in (True, False):
+        s = readings.one_success_group_sums(previews)
+        assert max(abs(x) for x in s["without_omega"]) < 1e-5
+        omega = torch.tensor(s["omega_success"])
+        # the success's value c_k: Σ_{j ≤ T−1−k} 0.9^j with previews, 0.9^{T−1−k} without; the group's σ_k is c_k·√7/8,
+        # so the success's relative term is (7/8)·c_k/(σ_k + 1e-4) and each of the 7 others' is −1/7 of it (ω = 1)
+        c = torch.tensor([sum(0.9 ** j for j in range(T - k)) if previews else 0.9 ** (T - 1 - k) for k in range(T)])
+        sigma = c * 7 ** 0.5 / 8
+        torch.testing.assert_close(torch.tensor(s["vgpo"]), 7 / 8 * c / (sigma + 1e-4) * (omega - 1), atol=1e-5, rtol=0)
+        assert abs(s["vgpo"][0]) > 1 and abs(s["vgpo"][-1]) > 1 and s["vgpo"][0] * s["vgpo"][-1] < 0
+    for scale in ("group", "batch"):
+        rows = readings.anchor_on_a_uniform_reward(scale)
+        omega = vgpo.step_weights(vgpo.temporal_values(torch.ones(1, readings.T), 0.9))[0]  # r_k = R: ω from shape
+        for row in rows[:-1]:  # anchored steps: the mean push is ω_k·mean R (R ≈ 0.85)
+            assert 0.8 * omega[row["k"]] < row["absolute"] < 0.9 * omega[row["k"]]
+            assert row["positive"] > (0.99 if scale == "batch" else 0.6)
+        assert rows[-1]["absolute"] == 0 and abs(rows[-1]["advantage"]) < 1e-6  # step 5: relative term only
 
 
 def test_grpo_scaling_modes():

@@ -9,7 +9,7 @@ advantage gets an absolute, value-anchored term that survives when all samples o
     python vgpo.py                  # the built-in tiny model on the shapes toy world, CPU, minutes
     python vgpo.py --algo grpo      # the Flow-GRPO baseline, same code and budget
     python vgpo.py --help           # every hyperparameter with its symbol
-    python vgpo.py --model sd3.5 --prompts preference --reward pickscore   # SD3.5-Medium with LoRA, one GPU
+    python vgpo.py --model sd3.5    # SD3.5-Medium with LoRA on one GPU: the OCR task (--task pickscore, geneval)
 
 Time runs from noise to data: σ_0 = 1 > σ_1 > … > σ_T = 0 are the scheduler's sigmas, step k maps
 x_k → x_{k+1}, the velocity is v ≈ noise − x_0 and an Euler step is x + v·dt with dt = σ_{k+1} − σ_k < 0
@@ -62,7 +62,8 @@ def _f(default, help):
 @dataclass
 class Args:
     """Every hyperparameter; the command line is built from these fields (`--num-generations` …). Defaults are
-    the paper's SD3.5 setting; PRESETS overrides some of them for the toy model."""
+    the paper's SD3.5 setting (Flow-GRPO's on one GPU, its OCR task); TASKS and PRESETS fill some of them for the
+    other tasks and for the toy model (make_args)."""
 
     # the method
     algo: str = _f("vgpo", "algorithm: 'vgpo' or 'grpo' (the Flow-GRPO baseline, same code path)")
@@ -77,10 +78,14 @@ class Args:
     anchor_coef: float = _f(1.0, "κ, coefficient α_k of the absolute advantage term (Eqs. 12–13, reading 4); 0 = off")
     anchor_steps: int = _f(5, "the absolute term is on for the first this many steps (Eqs. 12–13)")
     temporal_values: bool = _f(True, "instant rewards and step weights ω (off: terminal reward only, ω ≡ 1; reading 6)")
-    scale_rewards: str = _f("group", "GRPO advantage scaling: 'group', 'batch' (Flow-GRPO's global std) or 'none'")
+    scale_rewards: str = _f("auto", "the divisor of group-centred advantages, GRPO's and VGPO's relative term alike "
+                                    "(reading 5): the std over the 'group', the 'batch' (Flow-GRPO's global_std) or "
+                                    "'none'; 'auto': 'batch' for GRPO (Flow-GRPO's), 'group' for VGPO (Eq. 12)")
     adv_clip_max: float = _f(5.0, "advantages are clipped to ±this (reading 5)")
     clip_range: float = _f(1e-4, "ε, ratio clip range of the loss (small: the log-prob is averaged over dims)")
     beta: float = _f(0.004, "β, KL penalty weight (reading 7: Flow-GRPO's 0.04 without dt ≈ 0.004 with dt)")
+    ema_decay: float = _f(0.9, "decay of Flow-GRPO's EMA of the trained weights, which is evaluated and saved; 0 = off")
+    ema_update_interval: int = _f(8, "the EMA is updated after optimizer step s if (s + 1) mod this is 0 (Flow-GRPO's)")
     learning_rate: float = _f(3e-4, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clip")
@@ -89,12 +94,17 @@ class Args:
     eval_steps: int = _f(40, "ODE steps when evaluating")
     eval_batch_size: int = _f(16, "images per batch when evaluating")
     # the run
+    task: str = _f("auto", "the paper's task: 'ocr', 'pickscore' or 'geneval' (SD3-family models: prompts, reward and "
+                           "β of Flow-GRPO's config for it), 'shapes' (the toy world of --model tiny); 'auto': "
+                           "'shapes' on --model tiny, else 'ocr'")
     model: str = _f("tiny", "'tiny' (the built-in shapes model), 'sd3.5' (SD3.5-Medium), 'sd3.5-large', an SD3-family "
                             "hub id or a local diffusers folder")
-    reward: str = _f("shapes", "R: a name in reward.REWARDS (shapes, ocr, pickscore, aesthetic, ...), a weighted sum "
-                               "'pickscore=1,aesthetic=0.5', NAME@DIR for a model in a local folder")
-    prompts: str = _f("shapes", "'shapes' (the toy world), a prompt set in prompts/ ('ocr', 'preference': NAME_train "
-                                "and NAME_test files) or a .txt/.jsonl file (evaluated on itself)")
+    reward: str = _f("ocr", "R: a name in reward.REWARDS (ocr, pickscore, geneval, shapes, ...), a weighted sum "
+                            "'pickscore=1,aesthetic=0.5', NAME@DIR for a model in a local folder")
+    prompts: str = _f("ocr", "a prompt set ('ocr', 'preference', 'geneval': prompts/NAME_train and NAME_test), "
+                             "'shapes' (the toy world) or a .txt/.jsonl file (evaluated on itself)")
+    reward_dtype: str = _f("fp32", "dtype of the CLIP models in the rewards (pickscore, aesthetic, geneval's colours): "
+                                   "'fp32' as Flow-GRPO, or 'fp16' (half their memory on a GPU)")
     seed: int = _f(0, "random seed (prompts; noise and shuffling are keyed by seed, epoch and prompt group)")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     output_dir: str = _f("", "output folder (default runs/<algo>-<seed>-<timestamp>)")
@@ -120,6 +130,12 @@ class Args:
     lora_rank: int = _f(32, "LoRA rank r on the attention projections (SD3)")
     lora_alpha: float = _f(64.0, "LoRA α (the adapter is scaled by α/r)")
 
+    def __post_init__(self):  # 'auto' resolved here, so that a run's args.json says what it ran
+        if self.task == "auto":  # the model's own task
+            self.task = "shapes" if self.model == "tiny" else "ocr"
+        if self.scale_rewards == "auto":  # each algorithm as its source defines it
+            self.scale_rewards = "batch" if self.algo == "grpo" else "group"
+
 
 # The toy preset, applied with --model tiny to every field the user did not set (make_args, at the end; the
 # runs behind these choices are in results/RESULTS.md).
@@ -138,7 +154,19 @@ PRESETS = {
         gradient_accumulation_steps=1,  # 4 optimizer steps per epoch: one rollout's gradient is mostly noise,
         #                                 and more, smaller steps average it out
         eval_batch_size=128,
+        scale_rewards="group", ema_decay=0.0,  # as the toy runs in results/ (Flow-GRPO's batch std and EMA: untried)
     ),
+}
+# The paper's three tasks (--task), each with Flow-GRPO's SD3.5 config for it (its config/grpo.py:
+# general_ocr_sd3_1gpu, pickscore_sd3, geneval_sd3). Scaled to one GPU as its 1-GPU OCR config is, their batch
+# numbers are the Args defaults (8 prompts × 8 images, micro-batch 8, 2 optimizer steps per epoch; the 32-GPU
+# configs take 48 prompts × 24); what differs between tasks is here. β is Flow-GRPO's × 0.1: its KL leaves out
+# dt (reading 7), and −dt averages 1/T = 0.1 over a rollout of T = 10 steps.
+TASKS = {
+    "ocr": dict(prompts="ocr", reward="ocr", beta=0.004),  # Flow-GRPO's β 0.04; also the Args defaults
+    "pickscore": dict(prompts="preference", reward="pickscore", beta=0.001),  # β 0.01
+    "geneval": dict(prompts="geneval", reward="geneval", beta=0.004),  # β 0.04; trained on partial credit
+    "shapes": dict(prompts="shapes"),  # the toy world: its reward and the rest are the tiny model's preset
 }
 # ====================================================================================================
 # §1  The SDE step with log-probability, and the rollout
@@ -342,7 +370,8 @@ def step_weights(values: torch.Tensor) -> torch.Tensor:
 
 def _group_normalize(x: torch.Tensor, group_ids: torch.Tensor, scale: str = "group") -> torch.Tensor:
     """(x − group mean) / (std + 1e-4), per column. x (N,) or (N, T). The 1e-4 keeps a uniform group at
-    0 instead of 0/0. `scale`: 'group' std, 'batch' std (Flow-GRPO's global_std) or 'none' (no division)."""
+    0 instead of 0/0. `scale`: the std of the 'group', of the whole 'batch' (the column's N values:
+    Flow-GRPO's global_std) or 'none' (no division)."""
     centred, std = torch.empty_like(x), torch.empty_like(x)
     # a loop over groups reads like the equation; P is at most a few dozen, so it costs nothing
     for g in group_ids.unique():
@@ -355,14 +384,15 @@ def _group_normalize(x: torch.Tensor, group_ids: torch.Tensor, scale: str = "gro
 
 
 def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_clip_max, weights=None,
-                    rewarded=None):
+                    rewarded=None, scale_rewards="group"):
     """Eqs. 12–13: Â_k = ω_k·[(Q_k − μ_k)/(s_k + 1e-4) + α_k·Q̄_k], clipped to ±adv_clip_max.
 
     values Q (N, T); group_ids (N,); weights ω (N, T), computed by step_weights(values) when None.
-    μ_k, s_k: mean and std of Q_k over the group. Q̄_k = Q_k / Σ_{j≥k, j rewarded} γ^{j−k} is the discounted
-    mean of the future rewards that exist; `rewarded` (T,) bool marks the steps with an instant reward
-    (default all: Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}); terminal reward only: Q̄_k = R). α_k = κ on the first
-    `anchor_steps` steps, else 0.
+    μ_k: mean of Q_k over the group; s_k: std of Q_k over the group (`scale_rewards` 'group'), over all N
+    trajectories ('batch', as GRPO's), or none ('none': no division, no 1e-4). Q̄_k = Q_k / Σ_{j≥k, j rewarded}
+    γ^{j−k} is the discounted mean of the future rewards that exist; `rewarded` (T,) bool marks the steps with
+    an instant reward (default all: Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}); terminal reward only: Q̄_k = R). α_k = κ on
+    the first `anchor_steps` steps, else 0.
     """
     # The relative term is GRPO's, per step: which trajectories of this prompt did better than their
     # siblings at step k. It vanishes when the group agrees (all solved or all failed), which is where
@@ -371,7 +401,7 @@ def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_cli
     # layout-deciding steps, where the paper turns it on.
     n, T = values.shape
     k = torch.arange(T, device=values.device, dtype=values.dtype)  # (T,)
-    relative = _group_normalize(values, group_ids)  # (N, T): 0 for a uniform group
+    relative = _group_normalize(values, group_ids, scale_rewards)  # (N, T): 0 for a uniform group; reading 5
     # reading 4: Q_k sums the discounted rewards from step k on, so its size depends on k; dividing by the sum
     # of the discounts of the rewards that exist turns it into a weighted mean of rewards, in [0, 1] like the
     # rewards themselves. That keeps κ on a scale comparable to the unit-std relative term at every step, with
@@ -405,7 +435,8 @@ def credit(r: torch.Tensor, group_ids: torch.Tensor, args: Args):
         weights = step_weights(values) if args.temporal_values else torch.ones_like(values)  # Eq. 11; reading 6
         rewarded = None if args.temporal_values else torch.arange(r.shape[1], device=r.device) == r.shape[1] - 1
         adv = vgpo_advantages(values, group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
-                              args.adv_clip_max, weights=weights, rewarded=rewarded)  # Eqs. 12–13
+                              args.adv_clip_max, weights=weights, rewarded=rewarded,
+                              scale_rewards=args.scale_rewards)  # Eqs. 12–13
     else:
         # GRPO credits every step alike: its "values" (logged only) are the terminal reward, its weights 1
         values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)
@@ -622,13 +653,15 @@ def train(args: Args) -> list[dict]:
     run = harness.RunFolder.open(args, checkpoint)  # plumbing: runs/<run>/, args.json
     model = load_model(args, prompts=[p for p, _ in train_set + eval_set])  # plumbing: the prompt files read once
     optimizer = make_optimizer(model, args)
+    ema = harness.WeightEMA(optimizer, args.ema_decay, args.ema_update_interval)  # Flow-GRPO's: evaluated and saved
     rngs = {"prompts": rng}  # the random state a checkpoint keeps
     guard = recovery.NanGuard(args.nan_patience)  # plumbing: skips NaN/inf batches, stops after too many
-    run.startup_box(args, model, optimizer.param_groups[0]["params"], sde_window(args.num_steps, args.sde_steps))
+    run.startup_box(args, model, optimizer.param_groups[0]["params"], sde_window(args.num_steps, args.sde_steps),
+                    notes=(harness.presets_note(args, TASKS, PRESETS), ema.describe()))
 
     # --- epoch 0: the base model on the held-out prompts, the reference point of every curve ---
     if checkpoint:  # plumbing: a resumed run puts back weights, optimizer, random states and its metric rows
-        history = recovery.restore_checkpoint(checkpoint, model, optimizer, rngs, guard)
+        history = recovery.restore_checkpoint(checkpoint, model, optimizer, rngs, guard, ema)
     else:
         history = [{"epoch": 0, **evaluate(model, args, reward_fn, eval_set, run, epoch=0)}]
         run.log(history[-1])  # plumbing: metrics.jsonl
@@ -637,32 +670,40 @@ def train(args: Args) -> list[dict]:
             chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
             row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, epoch, guard)}
             if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
-                row.update(evaluate(model, args, reward_fn, eval_set, run, epoch=epoch))
+                with ema.applied():  # Flow-GRPO evaluates the EMA of the weights (the weights if it is off)
+                    row.update(evaluate(model, args, reward_fn, eval_set, run, epoch=epoch))
             history.append(row)
             run.log(row, args.epochs)  # plumbing: metrics.jsonl (flushed: a killed run keeps its curve), console
             due = args.save_every and (epoch % args.save_every == 0 or epoch == args.epochs)
             # plumbing: checkpoint, then stop if a signal (to any process, under torchrun) or NaNs asked to
             if stop.requested() or guard.tripped or due:
-                saved = recovery.save_checkpoint(run.path, epoch, args, model, optimizer, rngs, guard, history)
+                saved = recovery.save_checkpoint(run.path, epoch, args, model, optimizer, rngs, guard, history, ema)
                 recovery.raise_if_stopped(stop.signum, guard, saved, args, epoch)
-    run.finish(model, history)  # plumbing: trained weights, curves.png, the accuracy before and after
+    run.finish(model, history, ema)  # plumbing: the weights (their EMA if on), curves.png, accuracy before and after
     return history
 
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: presets applied to what the user set, the command line, the entry point
 # ----------------------------------------------------------------------------------------------------
-# --low-memory: applied like a preset (below what the user set, above the model's preset). The train step at
+# --low-memory: applied like a preset (below what the user set, above the task's and the model's). The train step at
 # micro-batch 8 with CFG is a batch of 16 through the transformer; 4 halves its activations, and ×8 accumulation
 # keeps 2 optimizer steps per epoch at N = 64. One image per VAE call and host-memory prompts are set in sd3.py.
 LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4)
+# --resume of a run saved before these fields existed: it ran without the EMA, on its model's own task
+OLDER_RUNS = dict(ema_decay=0.0, task="auto")
+PRESET_ORDER = "your flags > --low-memory > the task's preset (--task) > the model's (--model tiny) > the default"
 
 
 def make_args(**overrides) -> Args:
-    """Args for `overrides["model"]`: what the user set > the model's preset > the Args default (SD3.5's)."""
+    """Args for `overrides`: what the user set > --low-memory > TASKS[task] > PRESETS[model] > the Args default.
+    `task` 'auto' becomes the model's own task: 'shapes' on the tiny model, 'ocr' on SD3-family models."""
     model = overrides.get("model", Args.model)
+    task = Args(model=model, task=overrides.get("task", Args.task)).task  # 'auto' resolved
+    if task not in TASKS:
+        raise UsageError(f"unknown --task {task!r}: use {', '.join(TASKS)} or auto")
     low_memory = LOW_MEMORY if overrides.get("low_memory") and model != "tiny" else {}
-    values = {**PRESETS.get(model if model in PRESETS else "", {}), **low_memory, **overrides}
+    values = {**PRESETS.get(model, {}), **TASKS[task], **low_memory, **overrides, "task": task}
     unknown = set(values) - {f.name for f in dataclasses.fields(Args)}
     if unknown:
         raise UsageError(f"unknown setting(s) {sorted(unknown)}")
@@ -672,8 +713,10 @@ def make_args(**overrides) -> Args:
 def parse_args(argv=None) -> Args:
     """The command line, one flag per Args field (`--field-name VALUE`, `--flag/--no-flag`). With `--resume DIR`
     the run's saved settings are the base and only safe flags may change them."""
-    given = harness.read_flags(argv, Args, PRESETS["tiny"], __doc__.split("\n\n")[0])
-    return recovery.resume_args(Args, **given) if given.get("resume") else make_args(**given)
+    presets = {f"--model {m}": p for m, p in PRESETS.items()} | {f"--task {t}": p for t, p in TASKS.items()}
+    intro = __doc__.split("\n\n")[0]
+    given = harness.read_flags(argv, Args, presets, f"{intro} Presets: {PRESET_ORDER}.")
+    return recovery.resume_args(Args, older=OLDER_RUNS, **given) if given.get("resume") else make_args(**given)
 
 
 def main(argv=None) -> int:

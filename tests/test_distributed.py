@@ -26,9 +26,10 @@ pytestmark = pytest.mark.distributed
 
 # 4 prompts × 4 trajectories, T = 4, the shapes reward's partial credit (some spread in most groups); 2 processes
 # with micro-batches of 4 and accumulation 1 against one process with accumulation 2: in both, 2 optimizer
-# steps of 8 trajectories per epoch. Evaluation: the 4 prompts in batches of 2, one batch per process.
+# steps of 8 trajectories per epoch. Evaluation: the 4 prompts in batches of 2, one batch per process, with the
+# EMA of the weights (updated at every step: each process evaluates with its own copy, saved in checkpoints).
 SETTINGS = dict(prompts_per_epoch=4, num_generations=4, train_batch_size=4, num_steps=4, eval_steps=3,
-                eval_batch_size=2, eval_every=2, epochs=2, reward="shapes")
+                eval_batch_size=2, eval_every=2, epochs=2, reward="shapes", ema_decay=0.9, ema_update_interval=1)
 TOLERANCE = 1e-5  # the processes sum the gradients in another order than one process does
 
 

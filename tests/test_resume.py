@@ -89,6 +89,22 @@ def test_two_epochs_then_resume_to_four_equals_four_in_one_go(reference, two_epo
     assert json.load(open(os.path.join(out, "args.json")))["epochs"] == 4
 
 
+def test_a_run_saved_before_the_task_and_ema_fields_resumes_as_it_ran(reference, two_epochs, tmp_path):
+    """An args.json without `task`, `ema_decay`, `ema_update_interval` and `reward_dtype` (written before they
+    existed): --resume runs it on its model's own task without the EMA, to the uninterrupted result."""
+    out = str(tmp_path / "run")
+    shutil.copytree(two_epochs, out)
+    path = os.path.join(out, "args.json")
+    saved = json.load(open(path))
+    for key in ("task", "ema_decay", "ema_update_interval", "reward_dtype"):
+        saved.pop(key)
+    json.dump(saved, open(path, "w"))
+    args = vgpo.parse_args(["--resume", out, "--epochs", "4"])
+    assert (args.task, args.ema_decay) == ("shapes", 0.0)
+    assert vgpo.main(["--resume", out, "--epochs", "4"]) == 0
+    assert_same(reference, result(out))
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_epoch_finishes_it_saves_and_resumes_to_the_same_result(sig, code, reference, prompt_file,
                                                                          tmp_path, monkeypatch, capsys):
@@ -325,6 +341,12 @@ def test_a_reward_model_that_raises_is_named(where, prompt_file, tmp_path, monke
 BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fresh folder
     ("model", ["--model", "nope"], "--model"), ("algo", ["--algo", "ppo"], "--algo"),
     ("reward", ["--reward", "nope"], "--reward"), ("prompts", ["--prompts", "missing.txt"], "not found"),
+    ("reward", ["--model", "sd3.5", "--reward", "shapes"], "scores the toy world's"),
+    ("task", ["--task", "ocr"], "--task ocr is a task for SD3-family models"),
+    ("task", ["--model", "sd3.5", "--task", "ppo"], "unknown --task 'ppo'"),
+    ("reward_dtype", ["--reward-dtype", "bf16"], "--reward-dtype"),
+    ("ema_decay", ["--ema-decay", "1"], "--ema-decay"),
+    ("ema_update_interval", ["--ema-update-interval", "0"], "--ema-update-interval"),
     ("prompts", ["--prompts", "{tmp}/bad.jsonl"], "bad.jsonl:2: not JSON"),
     ("prompts", ["--prompts", "{tmp}/words.txt", "--reward", "jpeg_compressibility"], "unknown: dog, purple"),
     ("seed", ["--seed", "-1"], "--seed"), ("device", ["--device", "tpu"], "--device"),

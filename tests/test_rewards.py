@@ -16,6 +16,8 @@ import vgpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEW = ["--prompts-per-epoch", "2", "--train-batch-size", "8", "--gradient-accumulation-steps", "2"]  # N = 16 divides
+# photo rewards need a model that draws photographs: SD3.5-M's architecture, built only if the reward loads
+SD3 = ["--model", "sd3.5", "--random-weights"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,8 +68,8 @@ def test_ocr_score_rules():
 def test_ocr_prompts_without_quoted_text_stop_the_run(tmp_path, capsys):
     """`--reward ocr` with prompts that quote no text stops before any model loads: one line, exit code 2."""
     path = tmp_path / "plain.txt"
-    path.write_text("a red circle\na blue square\n")  # words the tiny model knows, no quotes
-    assert vgpo.main(["--reward", "ocr", "--prompts", str(path), *FEW,
+    path.write_text("a red circle\na blue square\n")  # no quoted text
+    assert vgpo.main(["--reward", "ocr", "--prompts", str(path), *FEW, *SD3,
                       "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "quoted text" in err and "--prompts ocr" in err
@@ -203,7 +205,7 @@ def test_absent_reward_weights_give_one_line_and_exit_2(monkeypatch, tmp_path, c
     monkeypatch.setattr(reward, "PICKSCORE_MODEL", "vgpo-tests/absent-model")  # surely not in any cache
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red fox\na bowl of ramen\n")
-    assert vgpo.main(["--reward", "pickscore", "--prompts", str(prompts), *FEW,
+    assert vgpo.main(["--reward", "pickscore", "--prompts", str(prompts), *FEW, *SD3,
                       "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "vgpo-tests/absent-model" in err and "hf download" in err and "@DIR" in err
@@ -548,7 +550,7 @@ def test_geneval_refuses_prompts_without_metadata_before_the_run(geneval_dir, tm
     that says to use --prompts geneval, exit code 2."""
     path = tmp_path / "plain.txt"
     path.write_text("a red circle\na blue square\n")
-    assert vgpo.main(["--reward", f"geneval@{geneval_dir[0]}", "--prompts", str(path), *FEW,
+    assert vgpo.main(["--reward", f"geneval@{geneval_dir[0]}", "--prompts", str(path), *FEW, *SD3,
                       "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "GenEval metadata" in err and "--prompts geneval" in err
@@ -563,7 +565,8 @@ def test_geneval_absent_weights_give_one_line_and_exit_2(monkeypatch, tmp_path, 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(reward, "GENEVAL_DETECTOR", "vgpo-tests/absent-detector")
     monkeypatch.setattr(reward, "GENEVAL_CLIP", "vgpo-tests/absent-clip")
-    assert vgpo.main(["--reward", "geneval", "--prompts", "geneval", *FEW, "--output-dir", str(tmp_path / "run")]) == 2
+    assert vgpo.main(["--reward", "geneval", "--prompts", "geneval", *FEW, *SD3,
+                      "--output-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "hf download vgpo-tests/absent-detector" in err
     assert "hf download vgpo-tests/absent-clip" in err and "geneval@DIR" in err

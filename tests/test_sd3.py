@@ -95,12 +95,13 @@ def test_exported_lora_in_the_stock_pipeline_equals_the_policy_and_adapter_off_i
 
 def test_one_training_epoch_from_the_command_line(tiny_sd3, tmp_path):
     """`python vgpo.py --model FOLDER …` trains one epoch (KL on, tiny preview decoder) and writes
-    DIR/lora/pytorch_lora_weights.safetensors, which the stock pipeline loads and which changes its output."""
+    DIR/lora/pytorch_lora_weights.safetensors, which the stock pipeline loads and which changes its output (without
+    the EMA, whose first update comes after 7 optimizer steps; the EMA: the resume test below)."""
     folder, prompts, taesd = tiny_sd3
     out = tmp_path / "run"
     flags = dict(epochs=1, prompts_per_epoch=2, num_generations=2, train_batch_size=2, gradient_accumulation_steps=2,
                  num_steps=3, eval_steps=2, eval_batch_size=4, resolution=32, max_sequence_length=16,
-                 reward="jpeg_compressibility", preview_decoder=taesd, learning_rate=1e-2)
+                 reward="jpeg_compressibility", preview_decoder=taesd, learning_rate=1e-2, ema_decay=0)
     cmd = [sys.executable, "vgpo.py", "--model", folder, "--prompts", prompts, "--output-dir", str(out),
            *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -118,6 +119,40 @@ def test_one_training_epoch_from_the_command_line(tiny_sd3, tmp_path):
     pipe.load_lora_weights(str(out / "lora"))
     after = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **run).images
     assert (after - before).abs().max() > 1e-4
+
+
+def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema(tiny_sd3, tmp_path, capsys):
+    """On an SD3 folder with the EMA updated after every optimizer step: 1 epoch, then `--resume DIR --epochs 2`,
+    gives bitwise the metrics and the saved LoRA (the EMA's) of 2 epochs straight; the checkpoint keeps the raw
+    LoRA weights, which differ from the saved EMA. The startup box names the task preset and the EMA."""
+    from safetensors.torch import load_file
+
+    folder, prompts, _ = tiny_sd3
+    flags = dict(model=folder, prompts=prompts, prompts_per_epoch=2, num_generations=2, train_batch_size=2,
+                 gradient_accumulation_steps=1, num_steps=3, eval_steps=2, eval_batch_size=4, eval_every=1,
+                 save_every=1, resolution=32, max_sequence_length=16, reward="jpeg_compressibility",
+                 learning_rate=1e-2, ema_update_interval=1)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert vgpo.main([*argv, "--epochs", "2", "--output-dir", str(straight)]) == 0
+    box = capsys.readouterr().out
+    assert "task ocr: beta 0.004; model " in box and "EMA of the weights (decay 0.9" in box
+    assert vgpo.main([*argv, "--epochs", "1", "--output-dir", str(split)]) == 0
+    assert vgpo.main(["--resume", str(split), "--epochs", "2"]) == 0
+
+    def result(out):
+        rows = [{k: v for k, v in json.loads(ln).items() if not k.startswith("time/")}
+                for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+
+    (rows_a, lora_a), (rows_b, lora_b) = result(straight), result(split)
+    assert [r["epoch"] for r in rows_a] == [0, 1, 2] and rows_a == rows_b
+    assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+    raw = load_file(str(split / "checkpoints" / "epoch_0002" / "weights.safetensors"))  # peft's names
+    saved = {f"transformer.{k.replace('.default', '')}": v for k, v in raw.items()}  # diffusers' names
+    assert saved.keys() <= lora_a.keys() and any("lora_B" in k for k in saved)
+    assert any((lora_a[k] - v).abs().max() > 1e-6 for k, v in saved.items())  # the EMA, not the weights
+    assert all(lora_a[k].abs().max() > 0 for k in saved if "lora_B" in k)  # the EMA moved off B's zero start
 
 
 def test_instant_rewards_use_the_preview_decoder_for_previews_and_the_vae_for_the_terminal_image(tiny_sd3):
