@@ -969,14 +969,15 @@ def epoch_metrics(r, values, weights, adv, group_ids) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, out_dir=None, epoch=None) -> dict:
+def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, out_dir=None, epoch=None,
+             seed: int = EVAL_SEED) -> dict:
     """Eq. (10): ODE sampling (a = 0), `eval_steps`, held-out prompts, the same guidance as in training,
-    the same starting noise every time. Returns {'eval/score': …, 'eval/strict_accuracy': …, …}."""
+    the same starting noise (from `seed`) every time. Returns {'eval/score': …, 'eval/strict_accuracy': …, …}."""
     t0 = time.time()
     eval_set = eval_set or load_prompts(args)[1]
     reward_fn = reward_fn or make_reward(args, model.device, eval_set)
     prompts, metas = [p for p, _ in eval_set], [m for _, m in eval_set]
-    gen = torch.Generator(model.device).manual_seed(EVAL_SEED)
+    gen = torch.Generator(model.device).manual_seed(seed)
     # noise_level 0: the deterministic ODE sampler users sample with after training (eq. 10)
     images = sample(model, prompts, args.eval_steps, 0.0, args.guidance_scale, args.eval_batch_size,
                     generator=gen, record=False, desc="eval")[0]
