@@ -43,8 +43,9 @@ md(r"""
 # VGPO on a laptop: a tutorial
 
 This notebook walks through **VGPO** (Value-Anchored Group Policy Optimization; Shao et al.,
-arXiv 2512.12387) in the order of the paper, on the toy world shipped with this repository: a 3.8 M-parameter
-SD3-architecture flow model that draws coloured shapes at 32×32, scored by an exact GenEval-style verifier.
+arXiv 2512.12387) in the order of the paper, on the toy world shipped with this repository: a 3.5 M-parameter
+SD3-architecture flow model on the 16×4×4 latents of a small autoencoder, drawing coloured shapes at 32×32,
+scored by an exact GenEval-style verifier.
 Every function used here comes from `vgpo.py`, `shapes.py` and `reward.py`; the notebook only calls and plots.
 
 Quick mode (`VGPO_TUTORIAL_QUICK=1`, what the test suite runs, ≤ 3 min on 2 CPU cores) shrinks the training
@@ -140,7 +141,7 @@ Each SDE step is $\mathcal N(\mu_k, (s_k\sqrt{-\Delta t_k})^2 I)$, so
 $$\log\pi_\theta(x_{k+1}\mid x_k) = \frac1D\sum_{d=1}^{D}\Big[-\frac{(x_{k+1,d}-\mu_{k,d})^2}{2 s_k^2(-\Delta t_k)} - \log\big(s_k\sqrt{-\Delta t_k}\big) - \tfrac12\log 2\pi\Big].$$
 
 The code **averages** over the $D = C\cdot H\cdot W$ dimensions instead of summing (as Flow-GRPO does). A
-summed log-ratio grows with $D$ (3 072 here, 65 536 for SD3.5's latents): a tiny change of the velocity moves
+summed log-ratio grows with $D$ (256 here, 65 536 for SD3.5's latents): a tiny change of the velocity moves
 it by whole units and the PPO ratio $e^{\Delta\log\pi}$ leaves any clip band at once. Averaged, the same
 change moves the ratio by $10^{-4}$–$10^{-3}$, which is why the clip range $\varepsilon$ is ~1e-3 (toy) or
 1e-4 (SD3.5) and not PPO's 0.2. Below: one recorded SDE step re-scored after perturbing the velocity by a

@@ -31,7 +31,7 @@ Notation (code name → paper symbol):
     clip_range, beta      ε of the clipped ratio, β of the KL penalty, eq. (8)
 
 Shape letters: N = P·G trajectories (P prompts per epoch, G = `num_generations` per prompt), T steps,
-(C, H, W) one latent (for the toy world the latent is the 3×32×32 image itself), B a micro-batch.
+(C, H, W) one latent (16×4×4 for the toy world, 16×64×64 for SD3.5 at 512 px), B a micro-batch.
 
 Our reading where the paper is silent (each behind a flag where a careful reader could differ):
     1. Instant rewards score the one-step prediction x̂0_{k+1} made from the velocity that step k+1
@@ -161,8 +161,8 @@ PRESETS = {
         guidance_scale=1.0,  # a prototype measured that RL with CFG 4 did not learn on a toy model and that
         #                      gains at g = 1 barely carried over to CFG-4 sampling: the policy optimised
         #                      must be the one evaluated, so g = 1 everywhere (interpretation 8)
-        learning_rate=1e-4,  # all 3.8 M weights are fine-tuned (no LoRA): a smaller step than LoRA's 3e-4
-        clip_range=1e-3,  # 3 072 pixel dimensions instead of SD3.5's 65 536 latent ones: the averaged
+        learning_rate=1e-4,  # the whole transformer is fine-tuned (no LoRA): a smaller step than LoRA's 3e-4
+        clip_range=1e-3,  # 256 latent dimensions instead of SD3.5's 65 536: the averaged
         #                   log-prob moves more per update, so the ratio needs a wider band
         beta=0.0,  # no KL: it saves a reference forward pass; VGPO did not collapse without it in 5 runs of
         #            100–140 epochs (GRPO did once in 3: README)
@@ -361,20 +361,18 @@ def load_model(args: Args, checkpoint: str | None = None, prompts: list[str] | N
     if args.model == "tiny":
         import shapes
 
-        # the whole 3.8 M-parameter transformer is trained; the prompt encoder is frozen, as SD3's text
-        # encoders are, so the policy is the same kind of object on both models
-        transformer, encoder = shapes.load_pretrained(checkpoint or shapes.CHECKPOINT, device)
+        # the flow transformer on the latents of a frozen autoencoder (the toy world's VAE; `decode` is its
+        # decoder). The whole transformer is trained; the prompt encoder is frozen, as SD3's text encoders
+        # are, so the policy is the same kind of object on both models
+        transformer, encoder, decode, latent_shape = shapes.load_pretrained(checkpoint or shapes.CHECKPOINT, device)
         encoder.requires_grad_(False)
         # SD3's last block only reads the prompt stream (context_pre_only): its prompt-query projection
         # never reaches the output, so it gets no gradient. Freezing it keeps "trainable" honest.
         last = transformer.transformer_blocks[-1].attn
         for unused in (last.add_q_proj, last.norm_added_q):
             unused.requires_grad_(False)
-        # Pixel space: the "latent" is the image in [-1, 1], so decoding is a rescale.
-        decode = lambda x: ((x.float() + 1) / 2).clamp(0, 1)  # noqa: E731
         # no resolution shift at 32×32 (SD3.5 uses 3.0 at 512 px to spend more steps at high noise)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-        latent_shape = (3, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
     else:
         # SD3-family: LoRA (fp32) on a frozen bf16 transformer, the reference is the adapter switched
         # off, prompts encoded once before the transformer is loaded (sd3.py, plumbing)
