@@ -399,6 +399,28 @@ def test_command_line_as_a_user_types_it(tmp_path, prompt_file):
     assert (out / "curves.png").exists() and (out / "samples" / "epoch_0000.png").exists()
 
 
+# four training prompts of four categories that the base model gets right a quarter to a third of the time
+LEARN = ["three blue triangles", "a yellow square and a red circle", "two blue squares", "a circle left of a triangle"]
+
+
+def test_rl_raises_the_reward_on_its_prompts(tmp_path):
+    """VGPO learns, not only runs: 30 epochs of the toy preset on four prompts raise their strict accuracy
+    (ODE samples from fixed noise, 24 per prompt, before and after) by at least 0.10."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(LEARN) + "\n")
+    args = vgpo.make_args(model="tiny", prompts=str(path), prompts_per_epoch=4, epochs=30, eval_every=30,
+                          output_dir=str(tmp_path / "run"))
+    eval_set = [(p, shapes.METADATA[p]) for p in LEARN for _ in range(24)]
+    before = vgpo.evaluate(vgpo.load_model(args), args, eval_set=eval_set)["eval/score"]
+    vgpo.train(args)
+    model = vgpo.load_model(args)
+    model.transformer.load_state_dict(load_file(str(tmp_path / "run" / "transformer.safetensors")))
+    after = vgpo.evaluate(model, args, eval_set=eval_set)["eval/score"]
+    assert after >= before + 0.10, (before, after)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--model", "nope"], "--model"), (["--reward", "nope"], "--reward"), (["--num-generations", "1"], "--num-generations"),
     (["--gamma", "2"], "--gamma"), (["--prompts", "missing.txt"], "not found"), (["--epochs", "x"], "--epochs"),
