@@ -66,6 +66,25 @@ def read_flags(argv, args_cls, presets: dict[str, dict], description: str) -> di
     return vars(p.parse_args(argv))
 
 
+PRESET_ORDER = "your flags > --low-memory > the task's preset (--task) > the model's (--model tiny) > the default"
+
+
+def apply_presets(args_cls, overrides: dict, models: dict, tasks: dict, low_memory: dict):
+    """An `args_cls` from `overrides` (what the user set) > `low_memory` (if asked for, SD3 only) > tasks[task] >
+    models[model] > the field defaults; `task` 'auto' is resolved by args_cls first. UsageError on an unknown
+    task or field."""
+    model = overrides.get("model", args_cls.model)
+    task = args_cls(model=model, task=overrides.get("task", args_cls.task)).task  # 'auto' resolved
+    if task not in tasks:
+        raise UsageError(f"unknown --task {task!r}: use {', '.join(tasks)} or auto")
+    low = low_memory if overrides.get("low_memory") and model != "tiny" else {}
+    values = {**models.get(model, {}), **tasks[task], **low, **overrides, "task": task}
+    unknown = set(values) - {f.name for f in dataclasses.fields(args_cls)}
+    if unknown:
+        raise UsageError(f"unknown setting(s) {sorted(unknown)}")
+    return args_cls(**values)
+
+
 def resolve_device(args) -> str:
     """'cpu' or 'cuda'; under torchrun 'cuda' is this process's GPU, cuda:LOCAL_RANK."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -215,7 +234,7 @@ def load_model(args, checkpoint: str | None = None, prompts: list[str] | None = 
     if args.model == "tiny":
         import shapes
 
-        # the whole 3.8 M-parameter transformer is trained, the prompt encoder frozen (shapes.load)
+        # the whole transformer is trained; the prompt encoder and the autoencoder are frozen (shapes.load)
         parts = shapes.load(checkpoint or shapes.CHECKPOINT, device)
         distributed.broadcast_weights(parts["transformer"])  # under torchrun: every process starts equal
         # full fine-tuning keeps a frozen copy as the reference policy (with LoRA, below: the adapter off)

@@ -83,7 +83,11 @@ def for_these_processes(saved: dict, processes: int, where: str, say: bool = Tru
     return {**saved, "gradient_accumulation_steps": accum * processes // k}
 
 
-def resume_args(args_cls, resume: str, older: dict | None = None, **given):
+# how a run saved before these fields existed ran: without the EMA, on its model's own task
+OLDER_RUNS = dict(ema_decay=0.0, task="auto")
+
+
+def resume_args(args_cls, resume: str, older: dict = OLDER_RUNS, **given):
     """The settings (an `args_cls`) of the run in folder `resume` (its args.json), updated with the flags in
     `given` that are safe to change (SAFE_ON_RESUME); any other flag given must repeat the saved value (the
     gradient accumulation rescaled when the number of processes changed: for_these_processes). `older`: the
@@ -339,3 +343,26 @@ def raise_if_stopped(signum, guard: NanGuard, saved: str | None, args, epoch: in
     if signum and epoch < args.epochs:
         raise RunStopped(f"stopped by {signal.Signals(signum).name} after epoch {epoch}/{args.epochs}; {where}. "
                          f"Continue with: {again}", code=128 + signum)
+
+
+def exit_code(run) -> int:
+    """Call `run()` (vgpo's training) and turn how it ended into vgpo.main's exit code. Usage mistakes are one
+    line and exit code 2 (as argparse's own); anything else that is not a stop is a real bug and keeps its
+    traceback."""
+    try:
+        run()
+    except UsageError as e:  # under torchrun every process says it: the mistake may be its own (a missing GPU)
+        print(f"vgpo.py: error: {e}", file=sys.stderr)
+        return 2
+    # a checkpoint was saved and the message says how to resume; or under torchrun another process failed
+    except (RunStopped, distributed.ProcessFailed) as e:
+        if distributed.is_first():  # the processes stop together; one says why
+            print(f"vgpo.py: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint of this epoch
+        print("vgpo.py: interrupted at once; if the run saved a checkpoint, continue with --resume <the run's folder>",
+              file=sys.stderr)
+        return 130
+    finally:
+        distributed.finish()  # leave the process group (torchrun)
+    return 0

@@ -7,18 +7,19 @@ that the RL code in `vgpo.py` takes the same path it takes on SD3.5:
 - a scene grammar with GenEval's six categories (single object, two objects, counting, colours,
   position, colour attribution) over circles, squares and triangles in red, green, blue and yellow;
 - a renderer that draws random 32x32 scenes matching a prompt (the pretraining data): the image is a
-  4x4 grid of 8-pixel cells, each holding at most one 6-pixel object, and a cell is one token of the model;
+  4x4 grid of 8-pixel cells, each holding at most one 6-pixel object;
 - a verifier that reads a generated image (per-colour masks, connected components, shape from fill
   ratio and top/bottom asymmetry, centroids for relations) and returns GenEval-style partial credit
   (fraction of requirements met) and a strict 0/1 score;
-- a fixed train/test prompt split whose test prompts are held-out combinations (a colour with a shape,
-  a count with a coloured shape, a relation between two shapes...) never seen in training;
-- the model: diffusers' `SD3Transformer2DModel` (the MMDiT of SD3.5) at 3.8 M parameters working
-  directly on pixels (no VAE), and a small learned prompt encoder standing in for CLIP + T5;
-- `python shapes.py pretrain`: flow-matching pretraining that reproduces the committed checkpoint.
-
-Only the single-object category shares its three prompts ("a circle", ...) between train and test:
-there is no combination in it to hold out.
+- a train/test split by meaning: test scenes are held-out combinations (a colour with a shape, a count
+  with a coloured shape, a relation between two shapes...), and every phrasing of a scene is in its split;
+- the model, SD3's three parts in miniature: a frozen autoencoder with a 16-channel latent at 1/8
+  resolution (SD3's VAE; 4x4x16, one latent pixel per cell), diffusers' `SD3Transformer2DModel` (the
+  MMDiT of SD3.5) on those latents, and a small learned prompt encoder standing in for CLIP + T5;
+- pretraining with caption noise (`near_miss`), so that the base model is capable but unreliable in ways
+  the verifier catches: what RL is for;
+- `python shapes.py pretrain` reproduces the committed checkpoint; `python shapes.py evaluate` reports a
+  checkpoint's (or a fine-tuned run's) held-out accuracy by category over several evaluation-noise seeds.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -43,7 +45,7 @@ SHAPES = ("circle", "square", "triangle")
 NUMBERS = {1: "a", 2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-CELL = 8  # the model's patch size: the image is a 4×4 grid of cells, each holding at most one object
+CELL = 8  # the image is a 4×4 grid of cells, each holding at most one object and encoded to one latent pixel
 OBJECT_SIZE = 6  # side of an object's bounding box, centred in its cell (2 px between neighbours)
 MIN_AREA = 6  # components smaller than this are noise, not objects
 MAX_STRAY = 8  # lit pixels outside the objects that a clean image may have (anti-aliasing-like specks)
@@ -62,40 +64,46 @@ def _name(o):
 
 
 def _all_prompts():
-    """Every prompt of the grammar as (category, metadata, is_test), in a fixed order.
+    """Every prompt of the grammar as (text, metadata, is_test), in a fixed order.
 
-    The test rule in each category is a fixed arithmetic pattern over the indices, chosen so that
-    every colour, shape, count and relation still appears in training: the test prompts are new
-    *combinations* of known words, as in GenEval.
+    The split is by *scene*, not by string: the phrasings of one scene ("a circle and a square" / "a
+    square and a circle", "a circle left of a square" / "a square right of a circle", "a red circle and a
+    blue square" / "a blue square and a red circle") are always in the same split, so a held-out prompt
+    never asks for a picture that a training prompt asked for in other words. In each category a fixed
+    arithmetic rule over the scene indices holds out about a quarter of the scenes, chosen so that every
+    colour, shape, count and relation still appears in training: test scenes are new *combinations* of
+    known words, as in GenEval. The single-object category (three scenes of one word each) has nothing to
+    hold out: its prompts are in both splits (is_test None).
     """
     C, S = list(COLORS), SHAPES
-    pairs = [(a, b) for a, b in itertools.permutations(range(3), 2)]  # ordered pairs of distinct shapes
-    out = []
-    for si, s in enumerate(S):  # "a circle": nothing to hold out, so test = train
-        out.append(("single_object", {"objects": [_obj(s)]}, None))
-    for a, b in pairs:  # "a circle and a square": the reversed order is held out
-        out.append(("two_object", {"objects": [_obj(S[a]), _obj(S[b])]}, a > b))
-    for n in (2, 3, 4):  # "three red circles"
+    scenes = []  # (category, phrasings: list of metadata, is_test)
+    for s in S:  # "a circle"
+        scenes.append(("single_object", [{"objects": [_obj(s)]}], None))
+    for i, (a, b) in enumerate(itertools.combinations(S, 2)):  # "a circle and a square": 3 scenes
+        scenes.append(("two_object", [{"objects": [_obj(a), _obj(b)]}, {"objects": [_obj(b), _obj(a)]}], i == 1))
+    for n in (2, 3, 4):  # "three red circles": 36 scenes
         for ci, c in enumerate(C):
             for si, s in enumerate(S):
-                out.append(("counting", {"objects": [_obj(s, c, n)]}, (ci + si + n) % 4 == 0))
-    for ci, c in enumerate(C):  # "a red circle"
+                scenes.append(("counting", [{"objects": [_obj(s, c, n)]}], (ci + si + n) % 4 == 0))
+    for ci, c in enumerate(C):  # "a red circle": 12 scenes
         for si, s in enumerate(S):
-            out.append(("colors", {"objects": [_obj(s, c)]}, (ci + si) % 4 == 0))
-    for pi, (a, b) in enumerate(pairs):  # "a circle left of a square"
-        for ri, r in enumerate(RELATIONS):
-            out.append(("position", {"objects": [_obj(S[a]), _obj(S[b])], "relation": r}, (pi + ri) % 4 == 0))
-    for pi, (a, b) in enumerate(pairs):  # "a red circle and a blue square"
-        for c1, c2 in itertools.permutations(range(4), 2):
-            meta = {"objects": [_obj(S[a], C[c1]), _obj(S[b], C[c2])]}
-            out.append(("color_attr", meta, (pi + c1 + 2 * c2) % 4 == 0))
+            scenes.append(("colors", [{"objects": [_obj(s, c)]}], (ci + si) % 4 == 0))
+    inverse = {"left of": "right of", "above": "below"}
+    for pi, (a, b) in enumerate(itertools.permutations(S, 2)):  # "a circle left of a square": 12 scenes
+        for ri, r in enumerate(inverse):
+            scenes.append(("position", [{"objects": [_obj(a), _obj(b)], "relation": r},
+                                        {"objects": [_obj(b), _obj(a)], "relation": inverse[r]}], (pi + ri) % 4 == 0))
+    for i, (a, b) in enumerate(itertools.combinations(S, 2)):  # "a red circle and a blue square": 36 scenes
+        for c1, c2 in itertools.permutations(range(len(C)), 2):
+            x, y = _obj(a, C[c1]), _obj(b, C[c2])
+            scenes.append(("color_attr", [{"objects": [x, y]}, {"objects": [y, x]}], (i + c1 + 2 * c2) % 4 == 1))
     prompts = []
-    for cat, meta, is_test in out:
-        meta["category"] = cat
-        meta.setdefault("relation", None)
-        names = [_name(o) for o in meta["objects"]]
-        text = f"{names[0]} {meta['relation']} {names[1]}" if meta["relation"] else " and ".join(names)
-        prompts.append((text, meta, is_test))
+    for cat, phrasings, is_test in scenes:
+        for meta in phrasings:
+            meta.update(category=cat, relation=meta.get("relation"))
+            names = [_name(o) for o in meta["objects"]]
+            text = f"{names[0]} {meta['relation']} {names[1]}" if meta["relation"] else " and ".join(names)
+            prompts.append((text, meta, is_test))
     return prompts
 
 
@@ -134,6 +142,33 @@ def eval_prompt_list(min_per_prompt: int = 6, per_category: int = 100) -> list[s
     return out
 
 
+def near_miss(meta: dict, rng: np.random.Generator) -> dict:
+    """A scene one edit away from `meta`, in the same category: one shape, colour, count (±1) or relation
+    changed, or, for colour attribution, the two colours swapped (the binding error). It never satisfies
+    `meta`: pretraining renders it under `meta`'s caption with probability `caption_noise` (see `pretrain`)."""
+    objs, relation = [dict(o) for o in meta["objects"]], meta["relation"]
+    edits = {"single_object": ["shape"], "two_object": ["shape"], "counting": ["shape", "color", "count"],
+             "colors": ["shape", "color"], "position": ["shape", "relation"],
+             "color_attr": ["shape", "color", "swap"]}[meta["category"]]
+    edit, o = edits[rng.integers(len(edits))], objs[rng.integers(len(objs))]
+
+    def other(options, current):
+        options = [x for x in options if x != current]
+        return options[rng.integers(len(options))]
+
+    if edit == "shape":
+        o["shape"] = other(SHAPES, o["shape"])
+    elif edit == "color":
+        o["color"] = other(list(COLORS), o["color"])
+    elif edit == "count":  # counts 2–4 become 1–5
+        o["count"] += 1 if rng.random() < 0.5 else -1
+    elif edit == "relation":
+        relation = other(RELATIONS, relation)
+    else:  # swap the colours of the two objects
+        objs[0]["color"], objs[1]["color"] = objs[1]["color"], objs[0]["color"]
+    return {**meta, "objects": objs, "relation": relation}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Renderer
 # ----------------------------------------------------------------------------------------------------
@@ -170,8 +205,8 @@ def render(meta: dict, rng: np.random.Generator) -> np.ndarray:
             for _ in range(o["count"]):
                 color = o["color"] or list(COLORS)[rng.integers(len(COLORS))]
                 objs.append((o["shape"], color, OBJECT_SIZE))
-        # One object per cell of the 4×4 grid, and a cell is exactly one token of the tiny transformer
-        # (patch size 8). Earlier versions with free positions and 4-pixel patches never learned coherent
+        # One object per cell of the 4×4 grid, and a cell is exactly one latent pixel, one token of the tiny
+        # transformer. Earlier versions with free positions and 4-pixel patches never learned coherent
         # shapes in minutes of CPU (samples were patch-sized confetti): an object spread over several
         # tokens needs the attention to coordinate them. Here what an object *is* is one token's job,
         # while how many there are and where they stand needs all tokens to agree: counting and
@@ -283,25 +318,52 @@ def verify(images, metas: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The tiny model: SD3's MMDiT on pixels, and a prompt encoder standing in for CLIP + T5
+# The tiny model: an autoencoder (SD3's VAE), SD3's MMDiT on its latents, and a prompt encoder (CLIP + T5)
 # ----------------------------------------------------------------------------------------------------
+LATENT_SHAPE = (16, IMAGE_SIZE // CELL, IMAGE_SIZE // CELL)  # (C, H, W): 16 channels at 1/8 resolution, as SD3's VAE
 MAX_TOKENS = 10  # "<bos> a yellow triangle and a green square" is 8 tokens
 TRANSFORMER_CONFIG = dict(
-    sample_size=IMAGE_SIZE, patch_size=CELL, in_channels=3, out_channels=3,  # 4x4 = 16 image tokens
-    # width 6 × 32 = 192 = 8·8·3, the size of one patch: at high noise the velocity is mostly the noise
-    # itself, which a narrower model cannot pass through its patch embedding (loss stalled at ~0.45)
-    num_layers=3, attention_head_dim=32, num_attention_heads=6,
-    joint_attention_dim=128, caption_projection_dim=192, pooled_projection_dim=128,
-    pos_embed_max_size=IMAGE_SIZE // CELL,
+    sample_size=LATENT_SHAPE[1], patch_size=1, in_channels=LATENT_SHAPE[0], out_channels=LATENT_SHAPE[0],
+    num_layers=6, attention_head_dim=32, num_attention_heads=4,  # 16 image tokens of width 128
+    joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=LATENT_SHAPE[1],
     qk_norm="rms_norm",  # as SD3.5: keeps attention logits bounded at lr 1e-3
 )
+ENCODER_LAYERS = 2  # the prompt encoder's depth: binding a colour word to the shape word after it needs attention
+
+
+class Autoencoder(nn.Module):
+    """images (B, 3, 32, 32) in [0, 1] ↔ latents (B, 16, 4, 4), one latent pixel per 8-px cell.
+
+    The toy counterpart of SD3's VAE: the flow model works on its latents and every image, previews
+    included, is decoded by it. Encoder: one 8×8 stride-8 convolution and a 1×1 one (a cell holds at most
+    one object, so a cell is one latent pixel). Decoder: a per-cell MLP to 8·8·3 values and a sigmoid.
+    Latents are normalised as SD3's are, z = (enc(x) − shift)·scale, with the scalars measured on renders,
+    so that the flow model's data have unit variance like its noise. Frozen after its own training.
+    """
+
+    def __init__(self, hidden: int = 128):
+        super().__init__()
+        c = LATENT_SHAPE[0]
+        self.encoder = nn.Sequential(nn.Conv2d(3, hidden, CELL, stride=CELL), nn.SiLU(), nn.Conv2d(hidden, c, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, hidden, 1), nn.SiLU(),
+                                     nn.Conv2d(hidden, 3 * CELL * CELL, 1), nn.PixelShuffle(CELL))
+        self.register_buffer("shift", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 32, 32) in [0, 1] → normalised latents (B, 16, 4, 4)."""
+        return (self.encoder(images * 2 - 1) - self.shift) * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, 16, 4, 4) → images (B, 3, 32, 32) in [0, 1]; fp32."""
+        return torch.sigmoid(self.decoder(latents.float() / self.scale + self.shift))
 
 
 class PromptEncoder(nn.Module):
-    """Word embeddings + one transformer layer -> (sequence (B, L, 128), pooled (B, 128)), like
+    """Word embeddings + `layers` transformer layers -> (sequence (B, L, 128), pooled (B, 128)), like
     SD3's T5 sequence and CLIP pooled embedding. Words outside VOCAB are an error, not silently dropped."""
 
-    def __init__(self, dim: int = 128, layers: int = 1, heads: int = 4):
+    def __init__(self, dim: int = 128, layers: int = ENCODER_LAYERS, heads: int = 4):
         super().__init__()
         self.embed = nn.Embedding(len(VOCAB), dim)
         self.pos = nn.Parameter(torch.zeros(MAX_TOKENS, dim))
@@ -329,133 +391,222 @@ class PromptEncoder(nn.Module):
         return seq, pooled
 
 
-def make_transformer():
+def make_transformer(config: dict | None = None):
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    return SD3Transformer2DModel(**(config or TRANSFORMER_CONFIG))
 
 
-def load_pretrained(path: str = CHECKPOINT, device="cpu"):
-    """(transformer, prompt_encoder) in fp32 and eval mode, from the committed checkpoint."""
-    from safetensors.torch import load_file
+def _read_checkpoint(path: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"toy checkpoint {path} is missing: run `python shapes.py pretrain`")
-    state = load_file(path)
-    transformer, encoder = make_transformer(), PromptEncoder()
-    transformer.load_state_dict({k[12:]: v.float() for k, v in state.items() if k.startswith("transformer.")})
-    encoder.load_state_dict({k[8:]: v.float() for k, v in state.items() if k.startswith("encoder.")})
-    return transformer.to(device).eval(), encoder.to(device).eval()
+    try:
+        with safe_open(path, "pt") as f:
+            info = f.metadata() or {}
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a file of another format
+        raise ValueError(f"{path} is not a safetensors checkpoint ({e})") from None
+    if not any(k.startswith("autoencoder.") for k in state):
+        raise ValueError(f"{path} is not a checkpoint of this shapes world (no autoencoder): "
+                         "run `python shapes.py pretrain`")
+    return state, info
+
+
+def _part(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def load_pretrained(path: str = CHECKPOINT, device="cpu"):
+    """(transformer, prompt_encoder, decode, latent_shape) from the committed checkpoint: the modules in
+    fp32 and eval mode; `decode` is the frozen autoencoder's decoder, latents (B, 16, 4, 4) → images
+    (B, 3, 32, 32) in [0, 1] (the autoencoder itself is `decode.__self__`)."""
+    state, info = _read_checkpoint(path)
+    config = json.loads(info.get("config", "null")) or TRANSFORMER_CONFIG
+    transformer = make_transformer(config)
+    encoder = PromptEncoder(layers=int(info.get("encoder_layers", ENCODER_LAYERS)))
+    autoencoder = Autoencoder()
+    for module, prefix in ((transformer, "transformer"), (encoder, "encoder"), (autoencoder, "autoencoder")):
+        module.load_state_dict(_part(state, prefix))
+    autoencoder.requires_grad_(False)
+    return (transformer.to(device).eval(), encoder.to(device).eval(), autoencoder.to(device).eval().decode,
+            LATENT_SHAPE)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pretraining (rectified flow on rendered scenes) -- `python shapes.py pretrain`
+# Pretraining -- `python shapes.py pretrain`: the autoencoder, then rectified flow on its latents
 # ----------------------------------------------------------------------------------------------------
-def pretrain(steps: int = 3600, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.998,
-             seed: int = 0, out: str = CHECKPOINT, evaluate: bool = True, snapshots=()) -> dict:
-    """Train the tiny model by flow matching and save its EMA weights (fp16 safetensors, ~4.7 MB).
+def train_autoencoder(steps: int = 1500, batch_size: int = 64, lr: float = 2e-3, latent_noise: float = 0.2,
+                      seed: int = 0, progress: bool = True) -> Autoencoder:
+    """Train the autoencoder on renders of training prompts (and their near misses) and freeze it.
 
-    x_σ = (1 − σ)·x0 + σ·ε, target velocity ε − x0 (the time direction of vgpo.py), σ uniform,
-    10 % empty prompts so that classifier-free guidance is available. Seeded: the same command on the
-    same machine writes the same file. `snapshots`: steps at which the EMA weights are also saved
-    (beside `out`, as <out>.<step>) and evaluated, to choose the step count; they do not change the run.
+    Loss: MSE(decode(z + latent_noise·ε), x) + 0.01·mean(z²) on raw latents z = enc(x). The noise keeps
+    neighbouring latents decoding to the same clean cell (so slightly-off generated latents still give
+    clean images, as a VAE's sampling does); the penalty keeps z from growing to make the noise irrelevant.
+    Afterwards shift and scale are set to the mean and 1/std of z over 4 096 renders.
     """
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    transformer, encoder = make_transformer().train(), PromptEncoder().train()
+    ae = Autoencoder().train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+
+    def batch(n):
+        metas = [METADATA[TRAIN_PROMPTS[i]] for i in rng.integers(len(TRAIN_PROMPTS), size=n)]
+        metas = [near_miss(m, rng) if rng.random() < 0.3 else m for m in metas]
+        return torch.from_numpy(np.stack([render(m, rng) for m in metas]))
+
+    bar = tqdm(range(steps), desc="autoencoder", dynamic_ncols=True, disable=not progress)
+    for step in bar:
+        x = batch(batch_size)
+        z = ae.encoder(x * 2 - 1)
+        recon = torch.sigmoid(ae.decoder(z + latent_noise * torch.randn_like(z)))
+        loss = ((recon - x) ** 2).mean() + 0.01 * (z**2).mean()
+        for g in opt.param_groups:  # cosine decay: the last steps sharpen the edges
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    with torch.no_grad():
+        z = torch.cat([ae.encoder(batch(512) * 2 - 1) for _ in range(8)])
+        ae.shift.fill_(z.mean())
+        ae.scale.fill_(1 / z.std())
+    return ae.eval().requires_grad_(False)
+
+
+def cosine_lr(step: int, steps: int, lr: float, lr_min: float, warmup: int = 100) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from lr to lr_min."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+# Pretraining samples every category equally often, except these, which are harder (relations and colour
+# binding need all tokens to agree) and are seen more often
+CATEGORY_BOOST = {"position": 2.0, "color_attr": 2.0}
+def pretrain(steps: int = 5000, batch_size: int = 128, lr: float = 1e-3, lr_min: float = 2e-5,
+             caption_noise: float = 0.3, sigma_shift: float = 2.0, category_boost: dict | None = None,
+             ema_decay: float = 0.999, config: dict | None = None, encoder_layers: int = ENCODER_LAYERS,
+             autoencoder_steps: int = 1500, seed: int = 0, out: str = CHECKPOINT, evaluate: bool = True,
+             snapshots=(), progress: bool = True) -> dict:
+    """Train the autoencoder, then the flow model on its latents; save both (fp16 safetensors).
+
+    Flow matching on latents z0 = enc(render): z_σ = (1 − σ)·z0 + σ·ε, target velocity ε − z0 (the time
+    direction of vgpo.py). σ = s·u/(1 + (s − 1)·u), u uniform: SD3's time shift s (`sigma_shift`) puts more
+    training at high noise, where the layout (how many objects, where, which colour on which) is decided.
+    Caption noise: with probability `caption_noise` the scene rendered for a caption is a near miss of it
+    (`near_miss`), so the base makes the systematic, verifiable mistakes that RL then removes: a model that
+    learned its data is right about 1 − p of the time on what it can do, which leaves RL room above it.
+    `category_boost` (default CATEGORY_BOOST) multiplies the categories' sampling weights. 10 % empty
+    prompts make classifier-free guidance available. AdamW with warm-up and cosine decay lr → lr_min; the
+    saved weights are an EMA. Seeded: the same command on the same machine writes the same file.
+    `snapshots`: steps at which the EMA weights are also saved (as <out>.<step>) and, with `evaluate`,
+    evaluated with one evaluation-noise seed, to choose the step count; they do not change the run.
+    """
+    from tqdm import tqdm
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    autoencoder = train_autoencoder(steps=autoencoder_steps, seed=seed, progress=progress)
+    config = config or TRANSFORMER_CONFIG
+    transformer, encoder = make_transformer(config).train(), PromptEncoder(layers=encoder_layers).train()
     params = list(transformer.parameters()) + list(encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    weights = sampling_weights(TRAIN_PROMPTS)
-    t0, losses = time.time(), []
-    bar = tqdm(range(steps), desc="pretrain", dynamic_ncols=True)
+    boost = CATEGORY_BOOST if category_boost is None else category_boost
+    weights = sampling_weights(TRAIN_PROMPTS) * [boost.get(METADATA[p]["category"], 1.0) for p in TRAIN_PROMPTS]
+    weights /= weights.sum()
+    info = dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, lr_min=lr_min, caption_noise=caption_noise,
+                sigma_shift=sigma_shift, category_boost=json.dumps(boost), ema_decay=ema_decay,
+                encoder_layers=encoder_layers, autoencoder_steps=autoencoder_steps, config=json.dumps(config))
+    losses = []
+    bar = tqdm(range(steps), desc="pretrain", dynamic_ncols=True, disable=not progress)
     for step in bar:
-        idx = rng.choice(len(TRAIN_PROMPTS), size=batch_size, p=weights)
-        prompts = [TRAIN_PROMPTS[i] for i in idx]
-        x0 = torch.from_numpy(np.stack([render(METADATA[p], rng) for p in prompts])) * 2 - 1  # (B, 3, H, W) in [-1, 1]
-        drop = rng.random(batch_size) < 0.1
-        prompts = ["" if d else p for p, d in zip(prompts, drop)]
-        # uniform σ, not SD3's logit-normal: a briefly trained tiny model needs both ends of the schedule
-        # (σ ≈ 1 decides the layout, σ ≈ 0 cleans the edges), which logit-normal almost never samples
-        sigma = torch.rand(batch_size).view(-1, 1, 1, 1)
-        noise = torch.randn_like(x0)
-        x_t = (1 - sigma) * x0 + sigma * noise
+        prompts = [TRAIN_PROMPTS[i] for i in rng.choice(len(TRAIN_PROMPTS), size=batch_size, p=weights)]
+        scenes = [near_miss(METADATA[p], rng) if rng.random() < caption_noise else METADATA[p] for p in prompts]
+        with torch.no_grad():
+            z0 = autoencoder.encode(torch.from_numpy(np.stack([render(m, rng) for m in scenes])))  # (B, 16, 4, 4)
+        prompts = ["" if rng.random() < 0.1 else p for p in prompts]
+        u = torch.rand(batch_size)
+        sigma = (sigma_shift * u / (1 + (sigma_shift - 1) * u)).view(-1, 1, 1, 1)
+        noise = torch.randn_like(z0)
+        z_t = (1 - sigma) * z0 + sigma * noise
         seq, pooled = encoder(prompts)
-        v = transformer(x_t, encoder_hidden_states=seq, pooled_projections=pooled,
+        v = transformer(z_t, encoder_hidden_states=seq, pooled_projections=pooled,
                         timestep=sigma.flatten() * 1000, return_dict=False)[0]
-        loss = ((v - (noise - x0)) ** 2).mean()
-        for g in opt.param_groups:  # 50-step linear warm-up, then constant
-            g["lr"] = lr * min(1.0, (step + 1) / 50)
+        loss = ((v - (noise - z0)) ** 2).mean()
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, lr_min)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            d = min(ema_decay, (step + 1) / (step + 10))  # short EMA early on, 0.998 later
+            d = min(ema_decay, (step + 1) / (step + 10))  # short EMA early on, ema_decay later
             for e, p in zip(ema, params):
                 e.mul_(d).add_(p.detach(), alpha=1 - d)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step + 1 in snapshots:
-            _save_ema(transformer, encoder, ema, params, f"{out}.{step + 1}", steps=step + 1, seed=seed)
+            _save(transformer, encoder, autoencoder, ema, params, f"{out}.{step + 1}", info | {"at_step": step + 1})
             if evaluate:
-                print(f"\nsnapshot at step {step + 1}:")
-                _report(f"{out}.{step + 1}")
-    _save_ema(transformer, encoder, ema, params, out, steps=steps, seed=seed)
-    result = {"final_loss": float(np.mean(losses[-50:])), "minutes": (time.time() - t0) / 60, "path": out}
+                print(f"\nsnapshot at step {step + 1} (loss {np.mean(losses[-200:]):.4f}):")
+                _report(f"{out}.{step + 1}", seeds=EVAL_SEEDS[:1], clean=False)
+    _save(transformer, encoder, autoencoder, ema, params, out, info)
+    result = {"final_loss": float(np.mean(losses[-200:])), "minutes": (time.time() - t0) / 60, "path": out}
     print(f"saved {out} ({os.path.getsize(out) / 1e6:.1f} MB) after {steps} steps in {result['minutes']:.1f} min; "
-          f"final loss (mean of last 50 steps) {result['final_loss']:.4f}")
-    if evaluate:
-        result.update(_report(out))
+          f"final loss (mean of the last 200 steps) {result['final_loss']:.4f}")
     return result
 
 
-def _save_ema(transformer, encoder, ema, params, path, **info):
-    """Write the EMA weights (fp16: half the size, and the RL code computes in fp32) without touching
-    the live weights; through a temporary file, so an interrupted save never leaves a broken checkpoint."""
+def _save(transformer, encoder, autoencoder, ema, params, path, info):
+    """Write the EMA weights and the autoencoder (fp16: half the size; everything computes in fp32) without
+    touching the live weights; through a temporary file, so an interrupted save never leaves a broken one."""
     from safetensors.torch import save_file
 
     live = [p.detach().clone() for p in params]
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    state = {f"transformer.{k}": v.half().contiguous() for k, v in transformer.state_dict().items()}
-    state.update({f"encoder.{k}": v.half().contiguous() for k, v in encoder.state_dict().items()})
+    state = {}
+    for module, prefix in ((transformer, "transformer"), (encoder, "encoder"), (autoencoder, "autoencoder")):
+        state.update({f"{prefix}.{k}": v.half().contiguous() for k, v in module.state_dict().items()})
     with torch.no_grad():
         for v, p in zip(live, params):
             p.copy_(v)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    metadata = {k: str(v) for k, v in info.items()} | {"config": json.dumps(TRANSFORMER_CONFIG)}
-    save_file(state, path + ".tmp", metadata=metadata)
+    save_file(state, path + ".tmp", metadata={k: str(v) for k, v in info.items()})
     os.replace(path + ".tmp", path)
 
 
-def _report(path) -> dict:
-    """Held-out strict accuracy of a checkpoint, by category: what an RL run starting from it logs at epoch 0."""
-    with torch.random.fork_rng():  # building the model draws initial weights: keep the training RNG untouched
-        metrics = held_out_accuracy(path)
-    print("base model, held-out prompts, strict accuracy by category:")
-    for cat in CATEGORIES:
-        print(f"  {cat:14s} {metrics[f'strict/{cat}']:.3f}")
-    print(f"  {'overall':14s} {metrics['strict_accuracy']:.3f}  (mean over categories, as GenEval)", flush=True)
-    return metrics
-
-
 # ----------------------------------------------------------------------------------------------------
-# The tiny model as a policy (what vgpo's harness loads) and its held-out accuracy
+# The tiny model as a policy (what vgpo's harness loads) and its held-out accuracy -- `python shapes.py evaluate`
 # ----------------------------------------------------------------------------------------------------
-EVAL_SEED = 1234  # vgpo.EVAL_SEED, so that the report above prints an RL run's epoch-0 numbers (tested)
+EVAL_SEED = 1234  # vgpo.EVAL_SEED, so that the report prints an RL run's epoch-0 numbers (tested)
+# One evaluation starts every image from the same noise: good for comparing two models, but that noise's
+# luck is in both. Comparing runs, report the mean over several evaluation-noise seeds.
+EVAL_SEEDS = (EVAL_SEED, EVAL_SEED + 1, EVAL_SEED + 2)
 
 
-def load(path: str = CHECKPOINT, device="cpu") -> dict:
+def load(path: str = CHECKPOINT, device="cpu", policy: str | None = None) -> dict:
     """The tiny model as harness.Model takes it: transformer, encode (cached), decode, scheduler, latent_shape
     and encoded (the prompt batches encoded, in order). The transformer is trained whole; the prompt encoder
-    is frozen, as SD3's text encoders are, so the policy is the same kind of object on both models."""
+    is frozen, as SD3's text encoders are, so the policy is the same kind of object on both models.
+    `policy`: a fine-tuned transformer.safetensors (what `python vgpo.py` saves) to put into the transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    transformer, encoder = load_pretrained(path, device)
+    transformer, encoder, decode, latent_shape = load_pretrained(path, device)
+    if policy:
+        from safetensors.torch import load_file
+
+        try:
+            transformer.load_state_dict(load_file(policy, device=str(device)))
+        except Exception:  # another format, or another architecture's weights
+            raise ValueError(f"{policy} is not a fine-tuned transformer of {os.path.basename(path)}") from None
     encoder.requires_grad_(False)
     # SD3's last block only reads the prompt stream (context_pre_only): its prompt-query projection
     # never reaches the output, so it gets no gradient. Freezing it keeps "trainable" honest.
@@ -478,23 +629,19 @@ def load(path: str = CHECKPOINT, device="cpu") -> dict:
 
     # no resolution shift at 32×32 (SD3.5 uses 3.0 at 512 px to spend more steps at high noise)
     return dict(transformer=transformer, encode=encode, decode=decode,
-                scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-                latent_shape=(3, IMAGE_SIZE, IMAGE_SIZE), encoded=encoded)
-
-
-def decode(x: torch.Tensor) -> torch.Tensor:
-    """Pixel space: the "latent" (B, 3, 32, 32) is the image in [-1, 1], so decoding is a rescale to [0, 1]."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), latent_shape=latent_shape, encoded=encoded)
 
 
 @torch.no_grad()
 def held_out_accuracy(path: str = CHECKPOINT, steps: int = 40, batch_size: int = 128, seed: int = EVAL_SEED,
-                      prompts: list[str] | None = None) -> dict:
-    """{'strict_accuracy': mean over categories (as GenEval), 'strict/<category>': …} of a checkpoint on
-    `prompts` (default: eval_prompt_list()). Euler ODE sampling without guidance from noise drawn with `seed`,
-    in micro-batches of `batch_size`: vgpo.evaluate's sampler with the toy preset, written out here so that
-    this file needs no vgpo (a test checks that both give the same numbers)."""
-    m = load(path)
+                      prompts: list[str] | None = None, policy: str | None = None, keep_images: bool = False) -> dict:
+    """{'strict_accuracy': mean over categories (as GenEval), 'strict/<category>': …} of a checkpoint (with
+    `policy`: of a fine-tuned run) on `prompts` (default: eval_prompt_list()). Euler ODE sampling without
+    guidance from noise drawn with `seed`, in micro-batches of `batch_size`: vgpo.evaluate's sampler with the
+    toy preset, written out here so that this file needs no vgpo (a test checks that both give the same
+    numbers). `keep_images` adds 'images' (N, 3, 32, 32)."""
+    with torch.random.fork_rng():  # building the model draws initial weights: keep the caller's RNG untouched
+        m = load(path, policy=policy)
     prompts = prompts or eval_prompt_list()
     m["scheduler"].set_timesteps(steps)
     sigmas = m["scheduler"].sigmas.float()  # σ_0 = 1 > … > σ_T = 0
@@ -508,11 +655,42 @@ def held_out_accuracy(path: str = CHECKPOINT, steps: int = 40, batch_size: int =
                                  timestep=(sigmas[k] * 1000).expand(x.shape[0]), return_dict=False)[0].float()
             x = x + (sigmas[k + 1] - sigmas[k]) * v
         images.append(m["decode"](x))
-    _, strict = verify(torch.cat(images), [METADATA[p] for p in prompts])
+    images = torch.cat(images)
+    _, strict = verify(images, [METADATA[p] for p in prompts])
     cats = np.array([METADATA[p]["category"] for p in prompts])
     per_cat = {c: float(strict[cats == c].mean()) for c in CATEGORIES if (cats == c).any()}
     return {"strict_accuracy": float(np.mean(list(per_cat.values()))),  # GenEval: the mean over categories
-            **{f"strict/{c}": v for c, v in per_cat.items()}}
+            **{f"strict/{c}": v for c, v in per_cat.items()}} | ({"images": images} if keep_images else {})
+
+
+def clean_fraction(images) -> float:
+    """Fraction of images (N, 3, H, W) in [0, 1] that are clean whatever they were asked for: no more than
+    MAX_STRAY lit pixels outside the detected objects, and every component a recognised shape."""
+    images = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+    ok = 0
+    for img in images:
+        objects = detect(img)
+        stray = int((img > 0.5).any(0).sum()) - sum(o["area"] for o in objects)
+        ok += stray <= MAX_STRAY and all(o["shape"] for o in objects)
+    return ok / len(images)
+
+
+def _report(path: str = CHECKPOINT, seeds=EVAL_SEEDS, policy: str | None = None, clean: bool = True) -> dict:
+    """Held-out strict accuracy of a checkpoint (or of a fine-tuned `policy` on it) by category, mean over the
+    evaluation-noise `seeds`, printed; with `clean`, also the fraction of clean images among the first seed's."""
+    runs = [held_out_accuracy(path, seed=s, policy=policy, keep_images=clean and i == 0) for i, s in enumerate(seeds)]
+    metrics = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k != "images"}
+    print(f"held-out prompts, strict accuracy by category (mean over evaluation-noise seeds {list(seeds)}):")
+    for cat in [c for c in CATEGORIES if f"strict/{c}" in metrics]:
+        print(f"  {cat:14s} {metrics[f'strict/{cat}']:.3f}")
+    per_seed = ", ".join(f"{r['strict_accuracy']:.3f}" for r in runs)
+    print(f"  {'overall':14s} {metrics['strict_accuracy']:.3f}  (mean over categories, as GenEval; "
+          f"per seed {per_seed})")
+    if clean:
+        metrics["clean"] = clean_fraction(runs[0]["images"])
+        print(f"  clean images   {metrics['clean']:.3f}  (no stray pixels, every object a recognised shape)")
+    sys.stdout.flush()
+    return metrics | {"per_seed": [r["strict_accuracy"] for r in runs]}
 
 
 def check_vocabulary(prompts: list[str]) -> None:
@@ -528,25 +706,57 @@ def prompt_weights(prompts: list[str]) -> np.ndarray | None:
     return sampling_weights(prompts) if all(p in METADATA for p in prompts) else None
 
 
-def main(argv=None):
+def _error(message: str) -> int:
+    print(f"shapes.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The shapes toy world.")
     sub = p.add_subparsers(dest="cmd", required=True)
     pt = sub.add_parser("pretrain", help="train the tiny model and write checkpoints/shapes-tiny.safetensors")
-    pt.add_argument("--steps", type=int, default=3600)
+    pt.add_argument("--steps", type=int, default=5000)
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", default=CHECKPOINT)
     pt.add_argument("--snapshots", default="", help="comma-separated steps at which to also save and evaluate")
+    ev = sub.add_parser("evaluate", help="held-out strict accuracy by category, mean over evaluation-noise seeds")
+    ev.add_argument("--checkpoint", default=CHECKPOINT, help="a checkpoint written by `shapes.py pretrain`")
+    ev.add_argument("--policy", default=None,
+                    help="a run folder of `python vgpo.py` (its transformer.safetensors)")
+    ev.add_argument("--seeds", type=int, default=len(EVAL_SEEDS),
+                    help="how many evaluation-noise seeds (1234, 1235, …)")
     sub.add_parser("prompts", help="print the prompt split")
     a = p.parse_args(argv)
     if a.cmd == "pretrain":
-        pretrain(steps=a.steps, seed=a.seed, out=a.out,
-                 snapshots={int(s) for s in a.snapshots.split(",") if s})
+        try:
+            snapshots = {int(s) for s in a.snapshots.split(",") if s}
+        except ValueError:
+            return _error(f"--snapshots {a.snapshots!r}: give comma-separated step numbers, e.g. 2000,4000")
+        if a.steps < 1:
+            return _error("--steps must be ≥ 1")
+        pretrain(steps=a.steps, seed=a.seed, out=a.out, snapshots=snapshots)
+        _report(a.out)
+    elif a.cmd == "evaluate":
+        policy = a.policy
+        if policy and os.path.isdir(policy):  # a run folder
+            policy = os.path.join(policy, "transformer.safetensors")
+        for path, what in ((a.checkpoint, "--checkpoint"), (policy, "--policy")):
+            if path and not os.path.isfile(path):
+                return _error(f"{what} {path}: no such file (a run folder of `python vgpo.py` holds "
+                              "transformer.safetensors)")
+        if a.seeds < 1:
+            return _error("--seeds must be ≥ 1")
+        try:
+            _report(a.checkpoint, seeds=tuple(EVAL_SEEDS[0] + i for i in range(a.seeds)), policy=policy)
+        except ValueError as e:  # a file of another kind, or a checkpoint without the autoencoder
+            return _error(str(e))
     else:
         for text, meta, test in PROMPTS:
             print(f"{'test ' if test else 'train' if test is False else 'both '} {meta['category']:14s} {text}")
         print(f"{len(TRAIN_PROMPTS)} train prompts, {len(TEST_PROMPTS)} test prompts, "
               f"{len(eval_prompt_list())} held-out evaluation images")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

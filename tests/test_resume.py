@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import harness
 import recovery
 import reward
+import shapes
 import vgpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,7 +360,7 @@ BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fr
     ("nan_patience", ["--nan-patience", "0"], "--nan-patience"),
     ("num_generations", ["--num-generations", "1"], "--num-generations"),
     ("prompts_per_epoch", ["--prompts-per-epoch", "0"], "--prompts-per-epoch"),
-    ("prompts_per_epoch", ["--prompts-per-epoch", "512"], "more than the 114"),
+    ("prompts_per_epoch", ["--prompts-per-epoch", "512"], f"more than the {len(shapes.TRAIN_PROMPTS)}"),
     ("num_steps", ["--num-steps", "1"], "--num-steps"), ("eval_steps", ["--eval-steps", "0"], "--eval-steps"),
     ("guidance_scale", ["--guidance-scale", "0.5"], "--guidance-scale"),
     ("noise_level", ["--noise-level", "0"], "--noise-level"), ("gamma", ["--gamma", "2"], "--gamma"),
