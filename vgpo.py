@@ -142,11 +142,10 @@ class Args:
 # runs behind these choices are in results/RESULTS.md).
 PRESETS = {
     "tiny": dict(
-        guidance_scale=1.0,  # reading 8: the policy optimised is the one evaluated, and the toy model is used
-        #                      without CFG (RL with CFG did not learn on it)
+        guidance_scale=1.0,  # reading 8: the policy optimised is the one evaluated: the toy model without CFG
         learning_rate=1e-4,  # every weight is trained (no LoRA): a smaller step than LoRA's 3e-4
         clip_range=3e-3,  # 256 latent dimensions, not SD3.5's 65 536: the averaged log-prob is noisier
-        beta=0.0,  # no KL: it saves the reference pass, and VGPO's toy runs did not collapse without it
+        beta=0.0,  # no KL: it saves the reference pass, and no toy run collapsed without it
         reward="shapes_strict",  # the evaluation's own 0/1 metric: partial credit pays for adding objects
         sde_steps=4,  # reading 9: the layout is decided in the first steps; later noise only blurs their credit
         epochs=80, eval_every=20,  # ≤ 5 min on 2 CPU cores; held-out accuracy has levelled off by then
@@ -704,7 +703,8 @@ def parse_args(argv=None) -> Args:
     """The command line, one flag per Args field (`--field-name VALUE`, `--flag/--no-flag`). With `--resume DIR`
     the run's saved settings are the base and only safe flags may change them."""
     presets = {f"--model {m}": p for m, p in PRESETS.items()} | {f"--task {t}": p for t, p in TASKS.items()}
-    given = harness.read_flags(argv, Args, presets, f"{__doc__.split(chr(10) * 2)[0]} Presets: {harness.PRESET_ORDER}.")
+    intro = __doc__.split("\n\n")[0]
+    given = harness.read_flags(argv, Args, presets, f"{intro} Presets: {harness.PRESET_ORDER}.")
     return recovery.resume_args(Args, **given) if given.get("resume") else make_args(**given)
 
 
