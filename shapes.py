@@ -305,13 +305,18 @@ def _content_checks(objects, meta):
     raise ValueError(cat)
 
 
+def _objects_and_stray(img: np.ndarray) -> tuple[list[dict], int]:
+    """detect(img) and the number of lit pixels in no detected object."""
+    objects = detect(img)
+    return objects, int((img > 0.5).any(0).sum()) - sum(o["area"] for o in objects)
+
+
 def verify(images, metas: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Partial credit in [0, 1] and strict 0/1 score for each of N images (N, 3, H, W) in [0, 1]."""
     images = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     partial, strict = np.zeros(len(metas), np.float32), np.zeros(len(metas), np.float32)
     for i, (img, meta) in enumerate(zip(images, metas)):
-        objects = detect(img)
-        stray = int((img > 0.5).any(0).sum()) - sum(o["area"] for o in objects)  # lit pixels in no object
+        objects, stray = _objects_and_stray(img)
         req = requirements(objects, meta, stray)
         partial[i], strict[i] = np.mean(req), float(all(req))
     return partial, strict
@@ -669,8 +674,7 @@ def clean_fraction(images) -> float:
     images = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
     ok = 0
     for img in images:
-        objects = detect(img)
-        stray = int((img > 0.5).any(0).sum()) - sum(o["area"] for o in objects)
+        objects, stray = _objects_and_stray(img)
         ok += stray <= MAX_STRAY and all(o["shape"] for o in objects)
     return ok / len(images)
 

@@ -335,6 +335,16 @@ def test_confetti_does_not_pass_the_verifier():
         assert strict.max() == 0 and partial.max() < 1, p
 
 
+def test_clean_fraction_counts_renders_and_rejects_confetti():
+    """shapes.clean_fraction (the base model's cleanliness figure): every render of every prompt is clean, random
+    coloured patches are not, and a batch of both scores the share of renders."""
+    rng = np.random.default_rng(0)
+    renders = np.stack([shapes.render(meta, rng) for _, meta, _ in shapes.PROMPTS])
+    confetti = (rng.random((20, 3, 8, 8)) > 0.6).astype(np.float32).repeat(4, 2).repeat(4, 3)
+    assert shapes.clean_fraction(renders) == 1.0 and shapes.clean_fraction(confetti) == 0.0
+    assert shapes.clean_fraction(torch.from_numpy(np.concatenate([renders[:60], confetti]))) == 60 / 80
+
+
 def test_prompt_split_is_by_meaning_and_balances_categories():
     """Held out by meaning, not by string: a scene rendered for a test prompt never strictly satisfies a
     training prompt of its category and vice versa (so no paraphrase of a test scene is trained), except in
