@@ -470,7 +470,7 @@ def train_autoencoder(steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
         recon = torch.sigmoid(ae.decoder(z + latent_noise * torch.randn_like(z)))
         loss = ((recon - x) ** 2).mean() + 0.01 * (z**2).mean()
         for g in opt.param_groups:  # cosine decay: the last steps sharpen the edges
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = cosine_lr(step, steps, lr, 0.0, warmup=0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
