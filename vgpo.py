@@ -84,7 +84,7 @@ class Args:
                                     "'none'; 'auto': 'batch' for GRPO (Flow-GRPO's), 'group' for VGPO (Eq. 12)")
     adv_clip_max: float = _f(5.0, "advantages are clipped to ±this (reading 5)")
     clip_range: float = _f(1e-4, "ε, ratio clip range of the loss (small: the log-prob is averaged over dims)")
-    beta: float = _f(0.004, "β, KL penalty weight (reading 7: Flow-GRPO's 0.04 without dt ≈ 0.004 with dt)")
+    beta: float = _f(0.04, "β, KL penalty weight (reading 7: Flow-GRPO's KL, so its β values carry over)")
     ema_decay: float = _f(0.9, "decay of Flow-GRPO's EMA of the trained weights, which is evaluated and saved; 0 = off")
     ema_update_interval: int = _f(8, "the EMA is updated after optimizer step s if (s + 1) mod this is 0 (Flow-GRPO's)")
     learning_rate: float = _f(3e-4, "AdamW learning rate")
@@ -160,12 +160,11 @@ PRESETS = {
 # The paper's three tasks (--task), each with Flow-GRPO's SD3.5 config for it (its config/grpo.py:
 # general_ocr_sd3_1gpu, pickscore_sd3, geneval_sd3). Scaled to one GPU as its 1-GPU OCR config is, their batch
 # numbers are the Args defaults (8 prompts × 8 images, micro-batch 8, 2 optimizer steps per epoch; the 32-GPU
-# configs take 48 prompts × 24); what differs between tasks is here. β is Flow-GRPO's × 0.1: its KL leaves out
-# dt (reading 7), and −dt averages 1/T = 0.1 over a rollout of T = 10 steps.
+# configs take 48 prompts × 24); what differs between tasks is here. β is Flow-GRPO's, as is the KL (reading 7).
 TASKS = {
-    "ocr": dict(prompts="ocr", reward="ocr", beta=0.004),  # Flow-GRPO's β 0.04; also the Args defaults
-    "pickscore": dict(prompts="preference", reward="pickscore", beta=0.001),  # β 0.01
-    "geneval": dict(prompts="geneval", reward="geneval", beta=0.004),  # β 0.04; trained on partial credit
+    "ocr": dict(prompts="ocr", reward="ocr", beta=0.04),  # also the Args defaults
+    "pickscore": dict(prompts="preference", reward="pickscore", beta=0.01),
+    "geneval": dict(prompts="geneval", reward="geneval", beta=0.04),  # trained on partial credit
     "shapes": dict(prompts="shapes"),  # the toy world: its reward and the rest are the tiny model's preset
 }
 # ====================================================================================================
@@ -189,6 +188,9 @@ def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     out = net(torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
               pooled_projections=torch.cat([uncond[1], cond[1]]), timestep=torch.cat([t, t]), return_dict=False)[0]
     v_u, v_c = out.float().chunk(2)
+    # Flow-GRPO's training gradient: the unconditional branch is detached, so ∂v/∂θ = g·∂v_c/∂θ, not
+    # (1 − g)·∂v_u + g·∂v_c. Rollouts and evaluation take no gradient, so only the update sees this.
+    v_u = v_u.detach()
     return v_u + guidance_scale * (v_c - v_u)
 
 
@@ -327,16 +329,20 @@ def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[
     r[:, -1] = recovery.require_finite(terminal, "terminal reward").float().to(model.device)  # NaN guard
     if not previews:
         return r
-    # The N·(T−1) intermediate previews go through the preview decoder and the reward in large batches:
-    # this is where VGPO's extra cost lives (T decodes and reward calls per image instead of one), so it
-    # is batched and timed apart (time/reward_s); `--preview-decoder tiny` cuts it on SD3.
+    # reading 1: the last step is an Euler step to σ_T = 0, so the preview after step T−2, x_{T−1} − σ_{T−1}·v,
+    # is the final latent itself: r_{T−2} is the terminal reward, not scored a second time
+    r[:, -2] = r[:, -1]
+    # The N·(T−2) other previews go through the preview decoder and the reward in large batches: this is
+    # where VGPO's extra cost lives (T − 1 decodes and reward calls per image instead of one), so it is batched
+    # and timed apart (time/reward_s); `--preview-decoder tiny` cuts it on SD3.
     decode = model.preview_decode or model.decode
-    flat = traj.x0_preds[:, :-1].flatten(0, 1)  # (N·(T−1), C, H, W), trajectory-major
-    prompts = [p for p in traj.prompts for _ in range(T - 1)]
-    metas = [m for m in metadata for _ in range(T - 1)]
+    flat = traj.x0_preds[:, : T - 2].flatten(0, 1)  # (N·(T−2), C, H, W), trajectory-major
+    prompts = [p for p in traj.prompts for _ in range(T - 2)]
+    metas = [m for m in metadata for _ in range(T - 2)]
     out = [reward_fn(decode(flat[s : s + batch_size]), prompts[s : s + batch_size], metas[s : s + batch_size])
            for s in range(0, len(flat), batch_size)]
-    r[:, :-1] = recovery.require_finite(torch.cat(out), "instant reward").float().to(model.device).view(n, T - 1)
+    if out:
+        r[:, :-2] = recovery.require_finite(torch.cat(out), "instant reward").float().to(model.device).view(n, T - 2)
     return r
 
 
@@ -512,12 +518,14 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
             _, log_prob, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, args.noise_level,
                                                            prev_sample=x_next)
             kl = None
-            if args.beta > 0:  # reading 7: the exact KL of two Gaussians with one std, |Δmean|²/(2·std²), dims-averaged
+            if args.beta > 0:
                 with torch.no_grad():
                     v_ref = guided_velocity(model.reference, x, sigma, cond, uncond, args.guidance_scale)
                     _, _, mean_ref, _ = sde_step_with_logprob(v_ref, x, sigma, sigma_next, args.noise_level,
                                                               prev_sample=x_next)
-                kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
+                # reading 7: Flow-GRPO's KL, |Δmean|²/(2·std_k²) dims-averaged, = the exact KL of the two Gaussian
+                # steps, |Δmean|²/(2·std²) with std² = std_k²·(−dt), times −dt: its β values then carry over
+                kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2) * (sigma - sigma_next)
             loss, s = policy_loss(log_prob, traj.log_probs[idx, k], advantages[idx, k], args.clip_range, kl, args.beta)
             if not torch.isfinite(loss):  # NaN guard: no backward, and this optimizer step will be skipped
                 bad = "the loss"

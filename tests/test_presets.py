@@ -16,8 +16,8 @@ import vgpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Flow-GRPO's config/grpo.py, general_ocr_sd3_1gpu (and what it takes from config/base.py), in our names; its KL
-# leaves out dt, so its β is ×0.1 here (reading 7)
+# Flow-GRPO's config/grpo.py, general_ocr_sd3_1gpu (and what it takes from config/base.py), in our names; the KL
+# is its form (reading 7), so its β values carry over unchanged
 FLOW_GRPO_1GPU = dict(num_steps=10, eval_steps=40, guidance_scale=4.5, resolution=512, num_generations=8,
                       prompts_per_epoch=8, train_batch_size=8, gradient_accumulation_steps=4, eval_batch_size=16,
                       sde_steps=0, ema_decay=0.9, ema_update_interval=8, learning_rate=3e-4,
@@ -30,11 +30,11 @@ TASKS = {"ocr": ("ocr", "ocr", 0.04), "pickscore": ("preference", "pickscore", 0
 @pytest.mark.parametrize("task", TASKS)
 def test_each_task_is_flow_grpos_config_on_one_gpu(task):
     """`--model sd3.5` alone is the OCR task; `--task pickscore|geneval` the others: each with its prompts, reward
-    and β (Flow-GRPO's ÷ 10) and Flow-GRPO's 1-GPU batch numbers and settings."""
+    and β (Flow-GRPO's: the KL is its form, reading 7) and Flow-GRPO's 1-GPU batch numbers and settings."""
     args = vgpo.make_args(model="sd3.5") if task == "ocr" else vgpo.make_args(model="sd3.5", task=task)
     prompts, reward_name, beta = TASKS[task]
     assert (args.task, args.prompts, args.reward) == (task, prompts, reward_name)
-    assert args.beta == pytest.approx(beta / 10)
+    assert args.beta == beta
     assert {k: getattr(args, k) for k in FLOW_GRPO_1GPU} == FLOW_GRPO_1GPU
     assert args.prompts_per_epoch * args.num_generations // (args.train_batch_size * args.gradient_accumulation_steps) \
         == 2  # two optimizer steps per epoch, as every Flow-GRPO SD3 config
@@ -65,7 +65,7 @@ def test_help_names_each_presets_value_and_the_order(capsys):
         vgpo.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "your flags > --low-memory > the task's preset (--task) > the model's (--model tiny) > the default" in text
-    assert "(default: 0.004; --model tiny: 0.0; --task ocr: 0.004; --task pickscore: 0.001; --task geneval: 0.004)" \
+    assert "(default: 0.04; --model tiny: 0.0; --task ocr: 0.04; --task pickscore: 0.01; --task geneval: 0.04)" \
         in text
     assert "(default: 'ocr'; --model tiny: 'shapes_strict'; --task ocr: 'ocr'; --task pickscore: 'pickscore';" in text
 

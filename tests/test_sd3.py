@@ -136,7 +136,7 @@ def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert vgpo.main([*argv, "--epochs", "2", "--output-dir", str(straight)]) == 0
     box = capsys.readouterr().out
-    assert "task ocr: beta 0.004; model " in box and "EMA of the weights (decay 0.9" in box
+    assert "task ocr: beta 0.04; model " in box and "EMA of the weights (decay 0.9" in box
     assert vgpo.main([*argv, "--epochs", "1", "--output-dir", str(split)]) == 0
     assert vgpo.main(["--resume", str(split), "--epochs", "2"]) == 0
 
@@ -156,20 +156,28 @@ def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema
 
 
 def test_instant_rewards_use_the_preview_decoder_for_previews_and_the_vae_for_the_terminal_image(tiny_sd3):
-    """r_k for k < T−1 scores previews decoded by `preview_decode`; r_{T−1} scores the rollout's images."""
+    """r_k for k < T−2 scores previews decoded by `preview_decode`; r_{T−1} scores the rollout's images, and
+    r_{T−2} is that terminal reward: the preview after step T−2 is bitwise the final latent (the last step is an
+    Euler step to σ = 0), so the reward is called once less per trajectory and Q is what scoring it would give."""
     model, args = _load(tiny_sd3)
     traj = vgpo.rollout(model, PROMPTS[:2], args, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(traj.x0_preds[:, -2], traj.latents[:, -1])
     seen = []
 
     def reward_fn(images, prompts, metadata):
         seen.append(images)
         return images.mean(dim=(1, 2, 3))
 
+    r = vgpo.instant_rewards(model, traj, reward_fn, [{}] * 4, previews=True)  # previews through the VAE
+    assert sum(len(s) for s in seen) == 4 + 4 * 2  # N terminal images + N·(T−2) previews, nothing scored twice
+    scored_twice = reward_fn(model.decode(traj.x0_preds[:, -2]), None, None)  # what scoring it again would give
+    torch.testing.assert_close(vgpo.temporal_values(r, 0.9),
+                               vgpo.temporal_values(torch.cat([r[:, :-2], scored_twice[:, None], r[:, -1:]], 1), 0.9))
     model.preview_decode = lambda z: torch.full((z.shape[0], 3, 32, 32), 0.25)
     r = vgpo.instant_rewards(model, traj, reward_fn, [{}] * 4, previews=True)
-    torch.testing.assert_close(r[:, :-1], torch.full((4, 3), 0.25))
+    torch.testing.assert_close(r[:, :-2], torch.full((4, 2), 0.25))
     torch.testing.assert_close(r[:, -1], traj.images.mean(dim=(1, 2, 3)))
-    assert sum(len(s) for s in seen) == 4 * 4  # N terminal images + N·(T−1) previews, nothing decoded twice
+    assert torch.equal(r[:, -2], r[:, -1])
 
 
 def test_random_weights_need_no_weights_and_seed_embeddings_by_prompt(tiny_sd3):
