@@ -546,7 +546,8 @@ def geneval_check(objects: dict[str, list[Detection]], metadata: dict, margin: f
               colour (0 if the count is wrong); position, 1 if it holds, else 0 (0 if the count is wrong).
               Two departures from Flow-GRPO's reward server, both to keep R in [0, 1] as VGPO's ω = Q/mean(Q)
               needs: the count term is clamped at 0 (there 1 − |1 − 3|/1 = −1 for three objects instead of
-              one), and a failed position check is one 0 (there a 0 and a 1, so a wrong relation still paid ⅔)."""
+              one), and a failed position check is one 0 (there a 0 and then a 1: a two-object prompt with the wrong
+              relation gets 3/4 there, 2/3 here)."""
     correct = exact = True
     loose: list[list[Detection] | None] = []  # objects each include matched under each rule, None if it failed
     tight: list[list[Detection] | None] = []

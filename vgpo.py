@@ -8,31 +8,26 @@ advantage gets an absolute, value-anchored term that survives when all samples o
 
     python vgpo.py                  # the built-in tiny model on the shapes toy world, CPU, minutes
     python vgpo.py --algo grpo      # the Flow-GRPO baseline, same code and budget
-    python vgpo.py --help           # every hyperparameter with its symbol
     python vgpo.py --model sd3.5    # SD3.5-Medium with LoRA on one GPU: the OCR task (--task pickscore, geneval)
 
-Time runs from noise to data: σ_0 = 1 > σ_1 > … > σ_T = 0 are the scheduler's sigmas, step k maps
-x_k → x_{k+1}, the velocity is v ≈ noise − x_0 and an Euler step is x + v·dt with dt = σ_{k+1} − σ_k < 0
-(Meta's `flow_matching` library runs time the other way). Shapes: N = P·G trajectories (P prompts per
-epoch, G = `num_generations` each), T steps, (C, H, W) one latent (16×4×4 toy, 16×64×64 SD3.5 at 512 px),
-B a micro-batch.
+Time runs from noise to data: σ_0 = 1 > … > σ_T = 0 are the scheduler's sigmas, step k maps x_k → x_{k+1},
+v ≈ noise − x_0 and an Euler step is x + v·dt with dt = σ_{k+1} − σ_k < 0 (Meta's `flow_matching` runs time the
+other way). Shapes: N = P·G trajectories (P prompts, G = `num_generations` each), T steps, (C, H, W) a latent.
 
     code                    symbol                                          source
     guided_velocity         v = v_u + g·(v_c − v_u)                         classifier-free guidance
     sde_step_with_logprob   x_{k+1} ~ N(mean_k, std_k²·(−dt)), log π_θ      Flow-GRPO's SDE step
-    generate, x0_preds      x̂0_{k+1} = x_{k+1} − σ_{k+1}·v(x_{k+1})         paper Eq. 9
+    preview                 x̂0_{k+1} = x_{k+1} − σ_{k+1}·v(x_{k+1})         paper Eq. 9
     instant_rewards         r_k = R(x̂0_{k+1}, prompt)                       paper Eq. 9
     temporal_values         Q_k = r_k + γ·Q_{k+1}                           paper Eq. 10
     step_weights            ω_k = Q_k / mean_k' Q_k'                        paper Eq. 11
-    vgpo_advantages         Â_k = ω_k·[(Q_k − μ_k)/(s_k + 1e-4) + α_k·Q̄_k]  paper Eqs. 12–13
+    vgpo_advantages         Â_k = ω_k·[(Q_k − μ_k)/(s_k + 1e-4) + κ_k·Q̄_k]  paper Eqs. 12–13
     grpo_advantages         Â = (R − mean_group R)/(std_group R + 1e-4)     Flow-GRPO's GRPO advantage
     policy_loss             mean max(−Â·ρ, −Â·clip(ρ, 1 ± ε)) + β·KL        Flow-GRPO's clipped loss and KL
     update, train_epoch     minibatches, accumulation, AdamW, norm clip     Flow-GRPO's schedule
 
-Where the paper is silent, the code follows numbered readings, listed in the README and tagged where they
-apply (`# reading 4`). Plumbing lives in harness.py (command line, prompts, models, run folder), recovery.py
-(checkpoints, resume, signals, NaN guard) and distributed.py (several processes under torchrun, each marked
-`# plumbing: torchrun` here, the identity in one process); a reader of the method can skip all three.
+Where the paper is silent the code follows numbered readings (README), tagged `# reading N`. Plumbing, each call
+marked `# plumbing`, lives in harness.py, recovery.py and distributed.py: a reader of the method can skip them.
 """
 from __future__ import annotations
 
@@ -51,10 +46,6 @@ import harness  # plumbing
 import recovery  # plumbing
 from harness import Model, load_model, load_prompts, make_reward, sample_prompts
 
-# ====================================================================================================
-# Hyperparameters
-# ====================================================================================================
-
 
 def _f(default, help):
     return field(default=default, metadata={"help": help})
@@ -62,73 +53,57 @@ def _f(default, help):
 
 @dataclass
 class Args:
-    """Every hyperparameter; the command line is built from these fields (`--num-generations` …). Defaults are
-    the paper's SD3.5 setting (Flow-GRPO's on one GPU, its OCR task); TASKS and PRESETS fill some of them for the
-    other tasks and for the toy model (make_args)."""
+    """One flag per field. Defaults: the paper's SD3.5 recipe but `model` (the toy, whose preset applies: Settings)."""
 
     # the method
-    algo: str = _f("vgpo", "algorithm: 'vgpo' or 'grpo' (the Flow-GRPO baseline, same code path)")
-    num_generations: int = _f(8, "G, trajectories per prompt (group size)")
-    prompts_per_epoch: int = _f(8, "P, distinct prompts per epoch (N = P·G trajectories)")
-    num_steps: int = _f(10, "T, denoising steps in a rollout")
-    guidance_scale: float = _f(4.5, "g, classifier-free guidance scale, the same in RL and evaluation (reading 8)")
-    noise_level: float = _f(0.7, "a, Flow-GRPO's SDE noise scale: std_k = a·sqrt(σ_k/(1−σ_k))")
-    sde_steps: int = _f(0, "steps 0…S−1 are SDE steps and trained, later ones Euler steps without noise (reading 9; "
-                           "Flow-GRPO-Fast's window); 0 = all T−1, as the paper")
-    gamma: float = _f(0.9, "γ, discount of instant rewards in Q_k = r_k + γ·Q_{k+1} (Eq. 10, reading 2)")
-    anchor_coef: float = _f(1.0, "κ, coefficient α_k of the absolute advantage term (Eqs. 12–13, reading 4); 0 = off")
-    anchor_steps: int = _f(5, "the absolute term is on for the first this many steps (Eqs. 12–13)")
-    temporal_values: bool = _f(True, "instant rewards and step weights ω (off: terminal reward only, ω ≡ 1; reading 6)")
-    scale_rewards: str = _f("auto", "the divisor of group-centred advantages, GRPO's and VGPO's relative term alike "
-                                    "(reading 5): the std over the 'group', the 'batch' (Flow-GRPO's global_std) or "
-                                    "'none'; 'auto': 'batch' for GRPO (Flow-GRPO's), 'group' for VGPO (Eq. 12)")
+    algo: str = _f("vgpo", "'vgpo', or 'grpo': the Flow-GRPO baseline on the same code path")
+    num_generations: int = _f(8, "G, trajectories per prompt (a group)")
+    prompts_per_epoch: int = _f(8, "P, prompts per epoch: N = P·G trajectories")
+    num_steps: int = _f(10, "T, denoising steps of a rollout")
+    guidance_scale: float = _f(4.5, "g, classifier-free guidance, the same in RL and evaluation (reading 8)")
+    noise_level: float = _f(0.7, "a, the SDE's noise scale: std_k = a·sqrt(σ_k/(1−σ_k))")
+    sde_steps: int = _f(0, "S: steps 0…S−1 are SDE steps and trained, the rest Euler (reading 9); 0: all T−1")
+    gamma: float = _f(0.9, "γ, discount of Q_k = r_k + γ·Q_{k+1} (Eq. 10, reading 2)")
+    anchor_coef: float = _f(1.0, "κ, weight of the absolute term κ·Q̄_k (Eqs. 12–13, reading 4); 0: off")
+    anchor_steps: int = _f(5, "the absolute term is on for steps k < this")
+    temporal_values: bool = _f(True, "instant rewards and step weights; off: terminal reward, ω ≡ 1 (reading 6)")
+    scale_rewards: str = _f("auto", "÷ the std of the 'group', 'batch' or 'none'; auto: GRPO batch, VGPO group")
     adv_clip_max: float = _f(5.0, "advantages are clipped to ±this (reading 5)")
-    clip_range: float = _f(1e-4, "ε, ratio clip range of the loss (small: the log-prob is averaged over dims)")
-    beta: float = _f(0.04, "β, KL penalty weight (reading 7: Flow-GRPO's KL, so its β values carry over)")
-    ema_decay: float = _f(0.9, "decay of Flow-GRPO's EMA of the trained weights, which is evaluated and saved; 0 = off")
-    ema_update_interval: int = _f(8, "the EMA is updated after optimizer step s if (s + 1) mod this is 0 (Flow-GRPO's)")
+    clip_range: float = _f(1e-4, "ε, ratio clip of the loss (small: log π is a mean over dimensions)")
+    beta: float = _f(0.04, "β, weight of Flow-GRPO's KL to the reference policy (reading 7)")
+    ema_decay: float = _f(0.9, "decay of Flow-GRPO's EMA of the weights (evaluated and saved); 0: off")
+    ema_update_interval: int = _f(8, "the EMA is updated every this many optimizer steps")
     learning_rate: float = _f(3e-4, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clip")
     train_batch_size: int = _f(8, "B, micro-batch of trajectories, the same in rollout and training")
-    gradient_accumulation_steps: int = _f(4, "micro-batches per optimizer step")
+    gradient_accumulation_steps: int = _f(4, "A, micro-batches per optimizer step")
     eval_steps: int = _f(40, "ODE steps when evaluating")
     eval_batch_size: int = _f(16, "images per batch when evaluating")
     # the run
-    task: str = _f("auto", "the paper's task: 'ocr', 'pickscore' or 'geneval' (SD3-family models: prompts, reward and "
-                           "β of Flow-GRPO's config for it), 'shapes' (the toy world of --model tiny); 'auto': "
-                           "'shapes' on --model tiny, else 'ocr'")
-    model: str = _f("tiny", "'tiny' (the built-in shapes model), 'sd3.5' (SD3.5-Medium), 'sd3.5-large', an SD3-family "
-                            "hub id or a local diffusers folder")
-    reward: str = _f("ocr", "R: a name in reward.REWARDS (ocr, pickscore, geneval, shapes, ...), a weighted sum "
-                            "'pickscore=1,aesthetic=0.5', NAME@DIR for a model in a local folder")
-    prompts: str = _f("ocr", "a prompt set ('ocr', 'preference', 'geneval': prompts/NAME_train and NAME_test), "
-                             "'shapes' (the toy world) or a .txt/.jsonl file (evaluated on itself)")
-    reward_dtype: str = _f("fp32", "dtype of the CLIP models in the rewards (pickscore, aesthetic, geneval's colours): "
-                                   "'fp32' as Flow-GRPO, or 'fp16' (half their memory on a GPU)")
-    seed: int = _f(0, "random seed (prompts; noise and shuffling are keyed by seed, epoch and prompt group)")
+    task: str = _f("auto", "'ocr', 'pickscore', 'geneval' (SD3) or 'shapes' (toy); auto: the model's own")
+    model: str = _f("tiny", "'tiny' (the toy model), 'sd3.5', 'sd3.5-large', an SD3 hub id or local folder")
+    reward: str = _f("ocr", "R: a name in reward.REWARDS, a sum 'pickscore=1,aesthetic=0.5', or NAME@DIR")
+    prompts: str = _f("ocr", "'ocr', 'preference', 'geneval', 'shapes', or a .txt/.jsonl file")
+    reward_dtype: str = _f("fp32", "dtype of the rewards' CLIP models: 'fp32' (Flow-GRPO's) or 'fp16'")
+    seed: int = _f(0, "random seed: the prompts, and the noise and shuffle of each (epoch, group)")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    output_dir: str = _f("", "output folder (default runs/<algo>-<seed>-<timestamp>)")
-    epochs: int = _f(100, "number of epochs: one rollout of P×G trajectories and its updates each")
-    eval_every: int = _f(10, "evaluate on held-out prompts every this many epochs (also at 0 and at the end)")
-    save_every: int = _f(10, "save a checkpoint every this many epochs and at the end (0: only when stopped early)")
-    keep_checkpoints: int = _f(2, "keep the newest this many checkpoints in <output_dir>/checkpoints/")
-    resume: str = _f("", "continue the run in this folder from its last good checkpoint (README: Checkpoints)")
-    nan_patience: int = _f(3, "stop (with a checkpoint) after this many batches in a row skipped for NaN/inf")
+    output_dir: str = _f("", "run folder (default runs/<algo>-<seed>-<timestamp>)")
+    epochs: int = _f(100, "epochs: one rollout of P×G trajectories and its update each")
+    eval_every: int = _f(10, "evaluate on held-out prompts every this many epochs (and at 0 and the end)")
+    save_every: int = _f(10, "checkpoint every this many epochs and at the end (0: only when stopped)")
+    keep_checkpoints: int = _f(2, "keep the newest this many checkpoints")
+    resume: str = _f("", "continue the run in this folder from its last good checkpoint")
+    nan_patience: int = _f(3, "stop, with a checkpoint, after this many NaN/inf batches in a row")
     # SD3-family models (sd3.py); the tiny model ignores these
-    resolution: int = _f(512, "image size in pixels (square); a multiple of 16 on SD3")
-    max_sequence_length: int = _f(256, "T5 prompt tokens (after CLIP's 77); SD3.5 was trained with 256")
-    random_weights: bool = _f(False, "the architecture from configs in sd3.py, random weights and random prompt "
-                                     "embeddings: no download, to plan memory and speed")
-    low_memory: bool = _f(False, "settings for a 24 GB card: micro-batches of 4 (×8 accumulation), eval batch 4, "
-                                 "one image per VAE decode, prompt embeddings cached in host memory")
-    preview_decoder: str = _f("vae", "decoder of the instant-reward previews (reading 1): 'vae', 'tiny' (TAESD3, "
-                                     "cheaper) or an AutoencoderTiny folder/hub id; the terminal image uses the VAE")
-    dtype: str = _f("auto", "transformer/VAE/text-encoder dtype: 'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', "
-                            "'fp16', 'fp32'; LoRA weights, latents and log-probs are always fp32")
-    gradient_checkpointing: bool = _f(True, "recompute transformer activations in backward: far less memory, a "
-                                            "slower train step")
-    lora_rank: int = _f(32, "LoRA rank r on the attention projections (SD3)")
+    resolution: int = _f(512, "image size in pixels, a multiple of 16")
+    max_sequence_length: int = _f(256, "T5 prompt tokens (SD3.5 was trained with 256)")
+    random_weights: bool = _f(False, "the architecture with random weights: no download, to plan memory and speed")
+    low_memory: bool = _f(False, "for a 24 GB card: micro-batch 4 × 8, eval batch 4, prompts in host memory")
+    preview_decoder: str = _f("vae", "decoder of the previews (reading 1): 'vae', 'tiny' (TAESD3) or a folder")
+    dtype: str = _f("auto", "frozen weights: 'auto' (bf16 on CUDA, fp32 on a CPU), 'bf16', 'fp16', 'fp32'")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward: less memory, slower steps")
+    lora_rank: int = _f(32, "LoRA rank r on the attention projections")
     lora_alpha: float = _f(64.0, "LoRA α (the adapter is scaled by α/r)")
 
     def __post_init__(self):  # 'auto' resolved here, so that a run's args.json says what it ran
@@ -138,47 +113,13 @@ class Args:
             self.scale_rewards = "batch" if self.algo == "grpo" else "group"
 
 
-# The toy preset, applied with --model tiny to every field the user did not set (make_args, at the end; the
-# runs behind these choices are in results/RESULTS.md).
-PRESETS = {
-    "tiny": dict(
-        guidance_scale=1.0,  # reading 8: the policy optimised is the one evaluated: the toy model without CFG
-        learning_rate=1e-4,  # every weight is trained (no LoRA): a smaller step than LoRA's 3e-4
-        clip_range=3e-3,  # 256 latent dimensions, not SD3.5's 65 536: the averaged log-prob is noisier
-        beta=0.0,  # no KL: it saves the reference pass, and no toy run collapsed without it
-        reward="shapes_strict",  # the evaluation's own 0/1 metric: partial credit pays for adding objects
-        sde_steps=4,  # reading 9: the layout is decided in the first steps; later noise only blurs their credit
-        epochs=80, eval_every=20,  # ≤ 5 min on 2 CPU cores; held-out accuracy has levelled off by then
-        prompts_per_epoch=16,  # 16 prompts × 8 = 128 trajectories: a cheap epoch with many groups
-        train_batch_size=32,  # a CPU is faster on bigger batches
-        gradient_accumulation_steps=1,  # 4 optimizer steps per epoch: one rollout's gradient is mostly noise,
-        #                                 and more, smaller steps average it out
-        eval_batch_size=128,
-        scale_rewards="group", ema_decay=0.0,  # as the toy runs in results/ (Flow-GRPO's batch std and EMA: untried)
-    ),
-}
-# The paper's three tasks (--task), each with Flow-GRPO's SD3.5 config for it (its config/grpo.py:
-# general_ocr_sd3_1gpu, pickscore_sd3, geneval_sd3). Scaled to one GPU as its 1-GPU OCR config is, their batch
-# numbers are the Args defaults (8 prompts × 8 images, micro-batch 8, 2 optimizer steps per epoch; the 32-GPU
-# configs take 48 prompts × 24); what differs between tasks is here. β is Flow-GRPO's, as is the KL (reading 7).
-TASKS = {
-    "ocr": dict(prompts="ocr", reward="ocr", beta=0.04),  # also the Args defaults
-    "pickscore": dict(prompts="preference", reward="pickscore", beta=0.01),
-    "geneval": dict(prompts="geneval", reward="geneval", beta=0.04),  # trained on partial credit
-    "shapes": dict(prompts="shapes"),  # the toy world: its reward and the rest are the tiny model's preset
-}
-# ====================================================================================================
-# §1  The SDE step with log-probability, and the rollout
-# ====================================================================================================
-# The policy π_θ is the stochastic sampler itself: each denoising step is a Gaussian transition whose mean
-# depends on the transformer's velocity, so every step has a log-probability and a trajectory is a sequence
-# of T actions. Flow-matching models sample with an ODE; Flow-GRPO turns it into an SDE with the same
-# marginals (so images stay in-distribution) and noise scale a·sqrt(σ/(1−σ)).
-
-
+# ======================================= §1  The SDE step with log-probability, and the rollout =====================
+# The policy π_θ is the stochastic sampler: each step is a Gaussian transition whose mean depends on the velocity,
+# so a trajectory is T actions with log-probabilities. Flow-GRPO turns the model's ODE into an SDE with the same
+# marginals (images stay in-distribution) and noise scale a·sqrt(σ/(1−σ)).
 def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     """Classifier-free guidance: v = v_u + g·(v_c − v_u), in fp32. x (B, C, H, W); cond/uncond = (seq, pooled).
-    With g = 1 only the conditional pass is run."""
+    With g = 1 only the conditional pass is run. The gradient is Flow-GRPO's, g·∂v_c (v_u detached)."""
     t = (sigma * 1000).expand(x.shape[0])  # diffusers' SD3 takes timestep = 1000·σ
     x = x.to(cond[0].dtype)  # the transformer's dtype (bf16 on SD3.5); the result is cast back to fp32
     if guidance_scale == 1.0:
@@ -188,8 +129,7 @@ def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     out = net(torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
               pooled_projections=torch.cat([uncond[1], cond[1]]), timestep=torch.cat([t, t]), return_dict=False)[0]
     v_u, v_c = out.float().chunk(2)
-    # Flow-GRPO's training gradient: the unconditional branch is detached, so ∂v/∂θ = g·∂v_c/∂θ, not
-    # (1 − g)·∂v_u + g·∂v_c. Rollouts and evaluation take no gradient, so only the update sees this.
+    # Flow-GRPO trains through the conditional branch only; rollouts and evaluation take no gradient anyway
     v_u = v_u.detach()
     return v_u + guidance_scale * (v_c - v_u)
 
@@ -197,13 +137,9 @@ def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
 def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None,
                           noise=None):
     """Flow-GRPO's SDE step: one Euler–Maruyama step of its marginal-preserving reverse SDE, and its log-prob.
-
-    velocity, sample: (B, C, H, W); sigma, sigma_next: floats or 0-d tensors (σ_k, σ_{k+1}).
-    Returns (next_sample, log_prob (B,), mean (B, C, H, W), std) where std = std_k·sqrt(−dt) is the
-    standard deviation of the step. With `prev_sample` given, that sample is scored instead of drawn; `noise`
-    (B, C, H, W) is the ε of the draw (default: drawn from `generator`).
-    With noise_level 0 the step is the deterministic Euler step x + v·dt and log_prob is 0.
-    """
+    velocity, sample (B, C, H, W); sigma, sigma_next floats or 0-d tensors. Returns (next_sample, log_prob (B,),
+    mean (B, C, H, W), std = std_k·sqrt(−dt)). `prev_sample` given: scored, not drawn; `noise`: the draw's ε
+    (default from `generator`). noise_level 0: the Euler step x + v·dt, log_prob 0."""
     # fp32 throughout: with bf16 latents std² and (x − mean)²/std² lose the digits the ratio depends on
     v, x = velocity.float(), sample.float()
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
@@ -232,6 +168,12 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     return prev_sample, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std
 
 
+def preview(x, sigma, velocity):
+    """Eq. 9's one-step clean-image prediction: x̂0 = x − σ·v, the image the model would output if it stopped
+    here (Euler straight to σ = 0). At the step's own velocity it costs no transformer call. (B, C, H, W)."""
+    return x - sigma * velocity
+
+
 @dataclass
 class Trajectories:
     """One batch of rollouts. k indexes steps; x0_preds[:, k] is x̂0_{k+1}, the preview after step k."""
@@ -246,8 +188,8 @@ class Trajectories:
 
 
 def sde_window(num_steps: int, sde_steps: int) -> int:
-    """S, the number of SDE (and trained) steps 0…S−1 of a rollout: `sde_steps` capped at T − 1, and 0 means
-    T − 1 (every step but the last, which is always a plain Euler step to σ_T = 0). Reading 9."""
+    """S, the number of SDE (and trained) steps 0…S−1: `sde_steps` capped at T − 1, 0 meaning T − 1 (the last step
+    is always a plain Euler step to σ_T = 0). Reading 9."""
     return min(sde_steps, num_steps - 1) if sde_steps else num_steps - 1
 
 
@@ -255,10 +197,9 @@ def sde_window(num_steps: int, sde_steps: int) -> int:
 def generate(model: Model, prompts: list[str], num_steps: int, noise_level: float, guidance_scale: float,
              batch_size: int, generator=None, noise=None, record: bool = True, desc: str = "rollout",
              sde_steps: int = 0, step_noise=None):
-    """One image per prompt in micro-batches of `batch_size`: SDE steps 0…S−1 (S = sde_window), plain Euler
-    steps S…T−1. Returns (images, latents, log_probs, x0_preds, sigmas); the three in the middle are None
-    unless `record`; a deterministic step's log-prob is 0; no prompts, no images (None). The starting noise
-    `noise` (N, C, H, W) and the SDE steps' ε `step_noise` (N, S, C, H, W) are drawn from `generator` if None."""
+    """One image per prompt in micro-batches: SDE steps 0…S−1, Euler steps S…T−1. Returns (images, latents,
+    log_probs, x0_preds, sigmas), the middle three None unless `record`. `noise` (N, C, H, W) starts the
+    trajectories, `step_noise` (N, S, C, H, W) is the SDE steps' ε; drawn from `generator` if None."""
     # Micro-batches of the training size: SD3 outputs depend slightly on the batch size, and a rollout
     # scored at another size than it is re-scored at shows up as ratio ≠ 1 before any update.
     n, (c, h, w), T = len(prompts), model.latent_shape, num_steps
@@ -280,8 +221,8 @@ def generate(model: Model, prompts: list[str], num_steps: int, noise_level: floa
             if record:  # x_k is kept: training re-scores x_k → x_{k+1} under the updated policy
                 latents[b, k] = x
             v = guided_velocity(model.transformer, x, sigmas[k], cond, uncond, guidance_scale)  # (B, C, H, W)
-            if record and k > 0:  # reading 1: step k's velocity also gives the preview x̂0_k = x_k − σ_k·v_k (Eq. 9)
-                x0_preds[b, k - 1] = x - sigmas[k] * v
+            if record and k > 0:  # reading 1: step k's velocity also gives the preview after step k − 1
+                x0_preds[b, k - 1] = preview(x, sigmas[k], v)
             if k < stochastic:
                 x, lp, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator,
                                                     noise=None if step_noise is None else step_noise[b, k])
@@ -308,20 +249,15 @@ def rollout(model: Model, prompts: list[str], args: Args, generator=None, noise=
     return Trajectories(latents, log_probs, x0_preds, sigmas, images, expanded, group_ids)
 
 
-# ====================================================================================================
-# §2  Temporal values: instant rewards → discounted values → step weights (paper Eqs. 9–11)
-# ====================================================================================================
-# GRPO credits every step with the terminal reward R(x_T). VGPO asks after each step k how good the image
-# already looks: the one-step prediction x̂0_{k+1} is what the model would output if it stopped now, so its
-# reward r_k measures the progress made up to step k. Early previews are blurry and score low, later ones
-# approach R(x_T); the discounted sum Q_k of what follows step k is that step's value.
-
-
+# ======================================= §2  Instant rewards → discounted values → step weights (Eqs. 9–11) ========
+# GRPO credits every step with the terminal reward R(x_T). VGPO asks after each step k how good the image already
+# looks: the preview x̂0_{k+1} is what the model would output if it stopped now, so its reward r_k measures the
+# progress made up to step k, and the discounted sum Q_k of what follows is that step's value.
 @torch.no_grad()
 def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[dict], previews: bool,
                     batch_size: int = 256) -> torch.Tensor:
-    """Eq. 9: r_k = R(decode(x̂0_{k+1}), prompt), (N, T). With previews=False only the terminal reward is
-    computed and r_k = 0 for k < T−1 (GRPO, and the no-temporal-values ablation of reading 6)."""
+    """Eq. 9: r_k = R(decode(x̂0_{k+1}), prompt), (N, T); r_{T−2} = r_{T−1}, the terminal reward. With previews=False
+    only the terminal reward is computed and r_k = 0 for k < T−1 (GRPO; the ablation of reading 6)."""
     n, T = traj.log_probs.shape
     r = torch.zeros((n, T), device=model.device)
     # reading 1: the terminal reward r_{T−1} scores the rollout's final images (x̂0_T = x_T, the full decoder)
@@ -329,12 +265,9 @@ def instant_rewards(model: Model, traj: Trajectories, reward_fn, metadata: list[
     r[:, -1] = recovery.require_finite(terminal, "terminal reward").float().to(model.device)  # NaN guard
     if not previews:
         return r
-    # reading 1: the last step is an Euler step to σ_T = 0, so the preview after step T−2, x_{T−1} − σ_{T−1}·v,
-    # is the final latent itself: r_{T−2} is the terminal reward, not scored a second time
-    r[:, -2] = r[:, -1]
-    # The N·(T−2) other previews go through the preview decoder and the reward in large batches: this is
-    # where VGPO's extra cost lives (T − 1 decodes and reward calls per image instead of one), so it is batched
-    # and timed apart (time/reward_s); `--preview-decoder tiny` cuts it on SD3.
+    r[:, -2] = r[:, -1]  # reading 1: the last step is Euler to σ_T = 0, so the preview after T−2 is x_T itself
+    # The other N·(T−2) previews, in large batches: VGPO's extra cost (T − 1 reward calls per image instead of
+    # one), timed apart as time/reward_s; `--preview-decoder tiny` cuts it.
     decode = model.preview_decode or model.decode
     flat = traj.x0_preds[:, : T - 2].flatten(0, 1)  # (N·(T−2), C, H, W), trajectory-major
     prompts = [p for p in traj.prompts for _ in range(T - 2)]
@@ -360,24 +293,19 @@ def temporal_values(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
 def step_weights(values: torch.Tensor) -> torch.Tensor:
     """Eq. 11: ω_k = Q_k / mean_k' Q_k' over the trajectory's T steps; 1 where that mean is ≤ 1e-8 (a
     trajectory with no reward has no preferred step). (N, T) → (N, T)."""
-    # reading 3: the mean over all T steps (the untrained last one included, so ω depends on values alone),
-    # not the sum: ω averages 1 over a trajectory and the loss keeps GRPO's overall scale
+    # reading 3: the mean over all T steps (the untrained last one too, so ω depends on values alone), not the
+    # sum: ω averages 1 over a trajectory and the loss keeps GRPO's scale. Early steps accumulate more future
+    # reward, so ω > 1 early and < 1 late: the loss leans on the steps that decide the layout.
     mean = values.mean(dim=1, keepdim=True)  # (N, 1)
-    # Early steps accumulate more future reward, so ω > 1 early and < 1 late: the loss leans on the steps
-    # that decide the layout. Rewards are ≥ 0 (reward.py scales every reward so), so Q ≥ 0 and ω ≥ 0; the
-    # clamp only keeps the division finite in the branch torch.where discards.
+    # rewards are ≥ 0 (reward.py), so ω ≥ 0; the clamp keeps the division finite in the branch torch.where drops
     return torch.where(mean > 1e-8, values / mean.clamp_min(1e-8), torch.ones_like(values))
 
 
-# ====================================================================================================
-# §3  Advantages: VGPO's anchored advantage beside GRPO's group-relative one (paper Eqs. 12–13)
-# ====================================================================================================
-
-
+# ======================================= §3  Advantages: VGPO's anchored one beside GRPO's (Eqs. 12–13) ============
 def _group_normalize(x: torch.Tensor, group_ids: torch.Tensor, scale: str = "group") -> torch.Tensor:
-    """(x − group mean) / (std + 1e-4), per column. x (N,) or (N, T). The 1e-4 keeps a uniform group at
-    0 instead of 0/0. `scale`: the std of the 'group', of the whole 'batch' (the column's N values:
-    Flow-GRPO's global_std) or 'none' (no division)."""
+    """(x − group mean) / (std + 1e-4), per column. x (N,) or (N, T). The 1e-4 keeps a uniform group at 0
+    instead of 0/0. `scale`: the std of the 'group', of the 'batch' (the column's N values: Flow-GRPO's
+    global_std) or 'none' (no division)."""
     centred, std = torch.empty_like(x), torch.empty_like(x)
     # a loop over groups reads like the equation; P is at most a few dozen, so it costs nothing
     for g in group_ids.unique():
@@ -391,39 +319,29 @@ def _group_normalize(x: torch.Tensor, group_ids: torch.Tensor, scale: str = "gro
 
 def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_clip_max, weights=None,
                     rewarded=None, scale_rewards="group"):
-    """Eqs. 12–13: Â_k = ω_k·[(Q_k − μ_k)/(s_k + 1e-4) + α_k·Q̄_k], clipped to ±adv_clip_max.
-
-    values Q (N, T); group_ids (N,); weights ω (N, T), computed by step_weights(values) when None.
-    μ_k: mean of Q_k over the group; s_k: std of Q_k over the group (`scale_rewards` 'group'), over all N
-    trajectories ('batch', as GRPO's), or none ('none': no division, no 1e-4). Q̄_k = Q_k / Σ_{j≥k, j rewarded}
-    γ^{j−k} is the discounted mean of the future rewards that exist; `rewarded` (T,) bool marks the steps with
-    an instant reward (default all: Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}); terminal reward only: Q̄_k = R). α_k = κ on
-    the first `anchor_steps` steps, else 0.
-    """
-    # The relative term is GRPO's, per step: which trajectories of this prompt did better than their
-    # siblings at step k. It vanishes when the group agrees (all solved or all failed), which is where
-    # GRPO stops learning. The absolute term does not compare within the group: it rewards a step for
-    # the value it reached, so a uniformly good group is still reinforced. It is only on in the early,
-    # layout-deciding steps, where the paper turns it on.
-    n, T = values.shape
-    k = torch.arange(T, device=values.device, dtype=values.dtype)  # (T,)
+    """Eqs. 12–13: Â_k = ω_k·[(Q_k − μ_k)/(s_k + 1e-4) + κ_k·Q̄_k], clipped to ±adv_clip_max.
+    values Q (N, T); group_ids (N,); weights ω (N, T), step_weights(values) when None. μ_k, s_k: mean and std
+    of Q_k over the group (`scale_rewards` 'group'), s_k over all N ('batch'), or no division ('none').
+    κ_k = κ (`anchor_coef`) on steps k < `anchor_steps`, else 0. Q̄_k = Q_k / Σ_{j≥k, j rewarded} γ^{j−k}, the
+    discounted mean of the future rewards that exist; `rewarded` (T,) bool marks the steps with an instant
+    reward (default all: Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}); terminal reward only: Q̄_k = R)."""
+    # The relative term is GRPO's, per step: which trajectories of this prompt did better at step k. It vanishes
+    # when the group agrees (all solved or all failed), where GRPO stops learning. The absolute term rewards a step
+    # for the value it reached, so a uniformly good group is still pushed; it is on in the early steps only.
+    T = values.shape[1]
     relative = _group_normalize(values, group_ids, scale_rewards)  # (N, T): 0 for a uniform group; reading 5
-    # reading 4: Q_k sums the discounted rewards from step k on, so its size depends on k; dividing by the sum
-    # of the discounts of the rewards that exist turns it into a weighted mean of rewards, in [0, 1] like the
-    # rewards themselves. That keeps κ on a scale comparable to the unit-std relative term at every step, with
-    # no 0/0 in a uniform group; and without previews (reading 6) the anchor is the terminal reward itself,
-    # not that reward diluted by the discounts of steps that were never scored.
+    # reading 4: Q_k's size depends on k; dividing by the discounts of the rewards that exist makes it a weighted
+    # mean of rewards, in [0, 1] like them, so κ is on the unit-std relative term's scale at every step. That
+    # normaliser is itself a discounted sum, Eq. 10 of the 0/1 row of scored steps.
     if rewarded is None:
         rewarded = torch.ones(T, dtype=torch.bool, device=values.device)
-    lag = k[None, :] - k[:, None]  # (T, T): j − k, row k, column j
-    counted = (lag >= 0) & rewarded[None, :]  # the rewards that Q_k sums
-    norm = torch.where(counted, gamma ** lag.clamp_min(0), 0.0).sum(dim=1)  # (T,): Σ_{j≥k, j rewarded} γ^{j−k}
-    alpha = torch.where(k < anchor_steps, anchor_coef, 0.0)  # (T,)
-    absolute = alpha * values / norm  # (N, T): α_k·Q̄_k, in reward units
+    norm = temporal_values(rewarded.to(values.dtype)[None], gamma)[0]  # (T,): Σ_{j≥k, j rewarded} γ^{j−k}
+    k = torch.arange(T, device=values.device)
+    kappa = torch.where(k < anchor_steps, anchor_coef, 0.0).to(values.dtype)  # (T,)
+    absolute = kappa * values / norm  # (N, T): κ_k·Q̄_k, in reward units
     if weights is None:
         weights = step_weights(values)
-    # reading 5: ω multiplies both terms; the clip bounds what one outlier trajectory (a group with std ≈ 0
-    # and one different sample) can do
+    # reading 5: ω multiplies both terms; the clip bounds one outlier in a group of std ≈ 0
     return (weights * (relative + absolute)).clamp(-adv_clip_max, adv_clip_max)
 
 
@@ -443,23 +361,18 @@ def credit(r: torch.Tensor, group_ids: torch.Tensor, args: Args):
         adv = vgpo_advantages(values, group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
                               args.adv_clip_max, weights=weights, rewarded=rewarded,
                               scale_rewards=args.scale_rewards)  # Eqs. 12–13
-    else:
-        # GRPO credits every step alike: its "values" (logged only) are the terminal reward, its weights 1
+    else:  # GRPO credits every step alike
         values, weights = r[:, -1:].expand_as(r), torch.ones_like(r)
         adv = grpo_advantages(r[:, -1], group_ids, args.scale_rewards, args.adv_clip_max, args.num_steps)
     return values, weights, adv
 
 
-# ====================================================================================================
-# §4  The clipped policy loss with KL, and the update over one rollout (Flow-GRPO's)
-# ====================================================================================================
-
-
+# ======================================= §4  The clipped loss with KL, and the update (Flow-GRPO's) ================
 def policy_loss(log_probs, log_probs_old, advantages, clip_range, kl=None, beta=0.0):
     """Flow-GRPO's loss: L = mean(max(−Â·ρ, −Â·clip(ρ, 1 − ε, 1 + ε))) + β·mean(KL), ρ = exp(log π_θ − log π_old).
     All arguments (B,) for one trained step. Returns (loss, stats)."""
     # PPO's clipped surrogate. The log-probs are averaged over dims, so a ratio of 1 ± 1e-3 is already a
-    # real change of the step distribution; ε is chosen at that scale (1e-4 for SD3.5, 1e-3 for the toy).
+    # real change of the step distribution; ε is chosen at that scale (1e-4 for SD3.5, 3e-3 for the toy).
     ratio = torch.exp(log_probs - log_probs_old)  # (B,), 1 on-policy
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
@@ -467,8 +380,7 @@ def policy_loss(log_probs, log_probs_old, advantages, clip_range, kl=None, beta=
     # clipped term is constant, so it has no gradient exactly when moving further would pay
     l_clip = torch.maximum(unclipped, clipped).mean()
     l_kl = kl.mean() if kl is not None else torch.zeros((), device=ratio.device)
-    # diagnostics only (no gradient): how far the policy moved from the rollout's, and how often the clip bit
-    stats = {
+    stats = {  # diagnostics only: how far the policy moved from the rollout's, and how often the clip bit
         "policy/approx_kl": 0.5 * ((log_probs - log_probs_old) ** 2).mean().item(),
         "policy/clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
         "loss/policy": l_clip.item(),
@@ -478,21 +390,16 @@ def policy_loss(log_probs, log_probs_old, advantages, clip_range, kl=None, beta=
 
 
 def make_optimizer(model: Model, args: Args) -> torch.optim.Optimizer:
-    """AdamW over the policy's trainable weights only: the prompt encoder (and on SD3.5 the base weights
-    under LoRA) stay frozen."""
+    """AdamW over the trainable weights (the prompt encoder, and under LoRA the base weights, stay frozen)."""
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
 def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, shuffle=None, guard=None) -> dict:
-    """Shuffle the N trajectories into micro-batches; for each micro-batch and trained step k (0…S−1):
-    forward, loss, backward; an optimizer step every `gradient_accumulation_steps` micro-batches. The shuffle is
-    stratified: the U optimizer steps take equal shares (G/U) of every group, in the order `shuffle` (P, G)
-    gives each group's trajectories (default: as stored). An optimizer step whose loss or gradient is NaN/inf is
-    skipped and counted by `guard` (a NanGuard)."""
-    # One backward per (micro-batch, step): activations of a single transformer call are alive at a time,
-    # which is what lets SD3.5 train on one GPU. The transformer stays in eval mode: it has no dropout,
-    # and eval mode keeps the re-scored log-probs identical to the rollout's (ratio = 1).
+    """For each micro-batch and trained step k (0…S−1): forward, loss, backward; an optimizer step every A
+    micro-batches. Stratified shuffle: the U optimizer steps take G/U of every group, in the order `shuffle`
+    (P, G) gives (default: as stored). A NaN/inf loss or gradient skips its step, counted by `guard`."""
+    # One backward per (micro-batch, step): one transformer call's activations alive at a time (SD3.5 on one GPU)
     n, T = traj.log_probs.shape
     trained, accum = sde_window(T, args.sde_steps), args.gradient_accumulation_steps  # steps 0…trained−1
     params = [p for p in model.transformer.parameters() if p.requires_grad]
@@ -523,8 +430,8 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
                     v_ref = guided_velocity(model.reference, x, sigma, cond, uncond, args.guidance_scale)
                     _, _, mean_ref, _ = sde_step_with_logprob(v_ref, x, sigma, sigma_next, args.noise_level,
                                                               prev_sample=x_next)
-                # reading 7: Flow-GRPO's KL, |Δmean|²/(2·std_k²) dims-averaged, = the exact KL of the two Gaussian
-                # steps, |Δmean|²/(2·std²) with std² = std_k²·(−dt), times −dt: its β values then carry over
+                # reading 7: Flow-GRPO's KL, |Δmean|²/(2·std_k²) dims-averaged: the exact KL of the two Gaussian
+                # steps (std² = std_k²·(−dt)) times −dt, so that Flow-GRPO's β values carry over
                 kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2) * (sigma - sigma_next)
             loss, s = policy_loss(log_prob, traj.log_probs[idx, k], advantages[idx, k], args.clip_range, kl, args.beta)
             if not torch.isfinite(loss):  # NaN guard: no backward, and this optimizer step will be skipped
@@ -546,15 +453,10 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
     return distributed.means(stats)  # plumbing: torchrun: the means of every process's values
 
 
-# ====================================================================================================
-# §5  One epoch, and evaluation
-# ====================================================================================================
-
-
+# ======================================= §5  One epoch, and evaluation ============================================
 def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, epoch: int, guard=None) -> dict:
     """One epoch on the P `chosen` (prompt, metadata) pairs: rollout → rewards → credit → update. Each group's
-    noise and shuffle come from generators keyed by (args.seed, `epoch`, group): distributed.group_draws.
-    `guard` (a NanGuard) counts the batches skipped for NaN/inf; logged as guard/skipped_batches."""
+    noise and shuffle are keyed by (seed, epoch, group); `guard` (a NanGuard) counts NaN/inf batches skipped."""
     guard = guard if guard is not None else recovery.NanGuard(args.nan_patience)
     guard.skipped = 0
     # --- sample: P prompts × G trajectories with their old log-probs and previews ---
@@ -565,7 +467,6 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ep
     traj = rollout(model, [chosen[g][0] for g in groups], args, noise=noise, step_noise=step_noise)
     metadata = [chosen[g][1] for g in groups for _ in range(G)]
     t1 = time.time()
-    # rewards are timed apart from the rollout: the preview rewards are VGPO's extra cost over GRPO
     use_previews = args.algo == "vgpo" and args.temporal_values  # GRPO never looks at previews
     try:  # NaN guard: a rollout with a NaN/inf reward or log-prob is not learned from
         with distributed.together(recovery.NonFiniteError):  # plumbing: torchrun: one process's NaN skips on all
@@ -606,18 +507,15 @@ def epoch_metrics(r, values, weights, adv, group_ids, trained: int) -> dict:
     }
 
 
-# Evaluation draws its starting noise from this fixed seed, whatever --seed is: every evaluation of every run
-# starts from the same noise (common random numbers), so a change between two evaluations is the model's and
-# not the noise's.
+# Every evaluation starts from this seed's noise, whatever --seed is: a change between two is the model's
 EVAL_SEED = 1234
 
 
 @torch.no_grad()
 def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, run=None, epoch=None,
              seed: int = EVAL_SEED) -> dict:
-    """ODE sampling (a = 0), `eval_steps` steps, held-out prompts, the same guidance as in training (reading 8),
-    the same starting noise (drawn with `seed`) every time. Returns {'eval/score': …, 'eval/strict_accuracy': …,
-    …}; with `run` (a harness.RunFolder) also saves a grid of samples."""
+    """ODE sampling (a = 0) of the held-out prompts, `eval_steps` steps, the guidance of training (reading 8),
+    the same starting noise (from `seed`) every time. Returns {'eval/score': …, …}; `run`: saves a grid too."""
     t0 = time.time()
     eval_set = eval_set or load_prompts(args)[1]
     reward_fn = reward_fn or make_reward(args, model.device, eval_set)
@@ -637,11 +535,7 @@ def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, run=None, 
     return {f"eval/{k}": v for k, v in scores.items()} | {"time/eval_s": time.time() - t0}
 
 
-# ====================================================================================================
-# §6  Training: the whole method, epoch after epoch
-# ====================================================================================================
-
-
+# ======================================= §6  Training: the whole method, epoch after epoch =========================
 def train(args: Args) -> list[dict]:
     """Per epoch: rollout → rewards → values → advantages → update. Returns the metric rows, one per epoch
     (row 0: the base model). With `args.resume` it continues that run from its last good checkpoint."""
@@ -650,9 +544,8 @@ def train(args: Args) -> list[dict]:
     distributed.start(harness.resolve_device(args))  # plumbing: torchrun: join the other processes
     checkpoint = recovery.find_checkpoint(args) if args.resume else None  # plumbing: the newest undamaged one
     args = dataclasses.replace(args, output_dir=args.resume or args.output_dir)  # a resumed run stays in its folder
-    # One seeded stream picks each epoch's prompts (in step on every process); the rollout noise and the shuffle
-    # come from generators keyed by (seed, epoch, group), so they do not depend on how the groups are split
-    # between processes. Everything on the CPU is bitwise reproducible (tested).
+    # One seeded stream picks each epoch's prompts; the noise and shuffle are keyed by (seed, epoch, group), so they
+    # do not depend on how groups are split between processes. On the CPU a run is bitwise reproducible (tested).
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)  # which prompts each epoch
     # the prompts and the reward before the big model: a bad prompt file or an absent reward stops at once
@@ -692,12 +585,37 @@ def train(args: Args) -> list[dict]:
     return history
 
 
-# ----------------------------------------------------------------------------------------------------
-# Settings: presets applied to what the user set, the command line, the entry point
-# ----------------------------------------------------------------------------------------------------
-# --low-memory: applied like a preset (below what the user set, above the task's and the model's). The train step at
-# micro-batch 8 with CFG is a batch of 16 through the transformer; 4 halves its activations, and ×8 accumulation
-# keeps 2 optimizer steps per epoch at N = 64. One image per VAE call and host-memory prompts are set in sd3.py.
+# ======================================= Settings: presets, the command line, the entry point =====================
+# Presets fill every field the user did not set: flags > --low-memory > TASKS[task] > PRESETS[model] > default.
+
+# The toy model (--model tiny); the runs behind these choices are in results/RESULTS.md.
+PRESETS = {
+    "tiny": dict(
+        guidance_scale=1.0,  # reading 8: the policy optimised is the one evaluated: the toy model without CFG
+        learning_rate=1e-4,  # every weight is trained (no LoRA): a smaller step than LoRA's 3e-4
+        clip_range=3e-3,  # 256 latent dimensions, not SD3.5's 65 536: the averaged log-prob is noisier
+        beta=0.0,  # no KL: it saves the reference pass, and no toy run collapsed without it
+        reward="shapes_strict",  # the evaluation's own 0/1 metric: partial credit pays for adding objects
+        sde_steps=4,  # reading 9: the layout is decided in the first steps; later noise only blurs their credit
+        epochs=80, eval_every=20,  # a few minutes on a laptop CPU; held-out accuracy has levelled off by then
+        prompts_per_epoch=16,  # 16 prompts × 8 = 128 trajectories: a cheap epoch with many groups
+        train_batch_size=32,  # a CPU is faster on bigger batches
+        gradient_accumulation_steps=1,  # 4 optimizer steps per epoch: smaller steps average one rollout's noise
+        eval_batch_size=128,
+        scale_rewards="group", ema_decay=0.0,  # as the toy runs in results/ (Flow-GRPO's batch std and EMA: untried)
+    ),
+}
+# The paper's three tasks (--task), each Flow-GRPO's SD3.5 config for it (general_ocr_sd3_1gpu, pickscore_sd3,
+# geneval_sd3) on one GPU as its 1-GPU OCR config is: the batch numbers are the Args defaults (8 prompts × 8 images,
+# micro-batch 8, 2 optimizer steps per epoch); what differs between tasks is here. β is Flow-GRPO's (reading 7).
+TASKS = {
+    "ocr": dict(prompts="ocr", reward="ocr", beta=0.04),  # also the Args defaults
+    "pickscore": dict(prompts="preference", reward="pickscore", beta=0.01),
+    "geneval": dict(prompts="geneval", reward="geneval", beta=0.04),  # trained on partial credit
+    "shapes": dict(prompts="shapes"),  # the toy world: its reward and the rest are the tiny model's preset
+}
+# --low-memory (SD3 only): a micro-batch of 4 halves the train step's activations (a batch of 8 with CFG), and ×8
+# accumulation keeps 2 optimizer steps per epoch; one image per VAE call and prompts in host memory are sd3.py's.
 LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4)
 
 
@@ -708,8 +626,7 @@ def make_args(**overrides) -> Args:
 
 
 def parse_args(argv=None) -> Args:
-    """The command line, one flag per Args field (`--field-name VALUE`, `--flag/--no-flag`). With `--resume DIR`
-    the run's saved settings are the base and only safe flags may change them."""
+    """One flag per Args field (`--field-name VALUE`, `--flag/--no-flag`); `--resume DIR` starts from that run's."""
     presets = {f"--model {m}": p for m, p in PRESETS.items()} | {f"--task {t}": p for t, p in TASKS.items()}
     intro = __doc__.split("\n\n")[0]
     given = harness.read_flags(argv, Args, presets, f"{intro} Presets: {harness.PRESET_ORDER}.")
@@ -717,9 +634,8 @@ def parse_args(argv=None) -> Args:
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 done; 2 a usage error (one line); 3 stopped by the NaN guard; 130 / 143 stopped by
-    SIGINT / SIGTERM after saving a checkpoint; 1 anything else (a bug, a reward model that crashed, or under
-    torchrun another process that failed)."""
+    """Exit codes: 0 done; 2 bad input (one line); 3 the NaN guard; 130 / 143 SIGINT / SIGTERM (checkpoint
+    saved); 1 anything else (a bug, a crashed reward model, another process under torchrun)."""
     return recovery.exit_code(lambda: train(parse_args(argv)))  # plumbing: how the run ended → the exit code
 
 

@@ -86,7 +86,8 @@ def test_the_kl_penalty_is_flow_grpos_at_every_step_of_sd35s_schedule(monkeypatc
             assert (want > 0).all()
             torch.testing.assert_close(kl, want, rtol=1e-4, atol=0)
             # the exact KL of N(mean, std²) and N(mean_ref, std²), std² = std_dev_t²·(−dt), dims-averaged
-            _, _, mean, std = vgpo.sde_step_with_logprob(v, x, s, s_next, args.noise_level, prev_sample=latents[:, k + 1])
+            _, _, mean, std = vgpo.sde_step_with_logprob(v, x, s, s_next, args.noise_level,
+                                                         prev_sample=latents[:, k + 1])
             _, _, mean_ref, _ = vgpo.sde_step_with_logprob(v_ref, x, s, s_next, args.noise_level,
                                                            prev_sample=latents[:, k + 1])
             exact = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),

@@ -127,3 +127,15 @@ def test_no_document_outside_the_repository_is_cited():
     design_note = ("SPEC" + " §", "SPEC" + ".md")  # spelt apart so that this file does not cite it
     cited = [p for p in paths if any(s in open(os.path.join(ROOT, p), encoding="utf-8").read() for s in design_note)]
     assert not cited, cited
+
+
+def test_vgpo_reads_method_first_with_one_line_helps_and_settings_at_the_end():
+    """vgpo.py opens with Args (the --help, one source line per field) and then the method, the first equation
+    within ~120 lines; the preset and task tables sit in the settings section after train()."""
+    tree = ast.parse(open(os.path.join(ROOT, "vgpo.py"), encoding="utf-8").read())
+    where = {n.name if hasattr(n, "name") else ast.unparse(n.targets[0]): n for n in tree.body
+             if isinstance(n, (ast.FunctionDef, ast.ClassDef)) or (isinstance(n, ast.Assign) and len(n.targets) == 1)}
+    assert where["guided_velocity"].lineno <= 125
+    fields = [n for n in where["Args"].body if isinstance(n, ast.AnnAssign)]
+    assert len(fields) > 40 and all(f.lineno == f.end_lineno for f in fields)
+    assert all(where[name].lineno > where["train"].end_lineno for name in ("PRESETS", "TASKS", "LOW_MEMORY"))
