@@ -172,6 +172,9 @@ def validate(args) -> None:
          f"--prompts {args.prompts!r} not found: give a .txt (one prompt per line) or .jsonl file, or a prompt set: "
          f"{', '.join(['shapes', *prompt_sets()])}"),
         (not args.resume or os.path.isdir(args.resume), f"--resume {args.resume!r}: no such folder"),
+        (not args.init_from or os.path.isfile(policy_file(args.init_from, tiny=args.model == "tiny")),
+         f"--init-from {args.init_from!r}: no {policy_file('', tiny=args.model == 'tiny')} there: give the folder "
+         "of a finished run of this model"),
         (not args.resume or not args.output_dir or os.path.abspath(args.output_dir) == os.path.abspath(args.resume),
          "a resumed run continues in its own folder: drop --output-dir"),
     ]
@@ -255,6 +258,35 @@ def load_model(args, checkpoint: str | None = None, prompts: list[str] | None = 
     distributed.broadcast_weights(parts["transformer"])  # under torchrun: every process starts from process 0's LoRA,
     #                                                    whatever its random initialisation drew
     return Model(device=device, reference=reference if args.beta > 0 else None, **parts)
+
+
+def policy_file(folder: str, tiny: bool) -> str:
+    """Where a run in `folder` keeps its trained weights (save_policy): the tiny model's whole transformer, or an
+    SD3 model's LoRA."""
+    name = "transformer.safetensors" if tiny else os.path.join("lora", "pytorch_lora_weights.safetensors")
+    return os.path.join(folder, name)
+
+
+def init_from(model: Model, folder: str) -> None:
+    """--init-from: put the weights the run in `folder` saved (save_policy) into the policy; nothing if ''. The
+    reference policy of the KL term stays what load_model made (the base model)."""
+    if not folder:
+        return
+    from safetensors.torch import load_file
+
+    lora = getattr(model.transformer, "peft_config", None)
+    state = load_file(policy_file(folder, tiny=not lora), device=str(model.device))
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        # diffusers' LoRA format names the transformer's weights "transformer.<module>.lora_A.weight"
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        set_peft_model_state_dict(model.transformer, state, adapter_name="default")
+        return
+    try:
+        model.transformer.load_state_dict(state)
+    except RuntimeError:
+        raise UsageError(f"--init-from {folder}: its transformer.safetensors is not a run of this model") from None
 
 
 def save_policy(model: Model, folder: str) -> str:

@@ -94,6 +94,7 @@ class Args:
     save_every: int = _f(10, "checkpoint every this many epochs and at the end (0: only when stopped)")
     keep_checkpoints: int = _f(2, "keep the newest this many checkpoints")
     resume: str = _f("", "continue the run in this folder from its last good checkpoint")
+    init_from: str = _f("", "start a new run from the weights another run saved (its folder)")
     nan_patience: int = _f(3, "stop, with a checkpoint, after this many NaN/inf batches in a row")
     # SD3-family models (sd3.py); the tiny model ignores these
     resolution: int = _f(512, "image size in pixels, a multiple of 16")
@@ -489,16 +490,28 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ep
             "time/epoch_s": time.time() - t0}
 
 
+# A group is uniform when its terminal rewards' std is below this: exactly equal on a 0/1 reward, and a spread that
+# the group normalisation would blow up into noise on a continuous one
+UNIFORM_STD = 0.01
+
+
 def epoch_metrics(r, values, weights, adv, group_ids, trained: int) -> dict:
     """The logged keys of one rollout (README: logged metrics); per-step vectors are lists over k = 0…T−1,
     and `trained` = S, the number of trained steps 0…S−1 (the others' advantages are never used)."""
     terminal = r[:, -1]  # (N,)
-    # frac_zero_std is the collapse meter: the share of groups where GRPO's advantage is exactly 0
+    # frac_zero_std is the collapse meter: the share of groups where GRPO's advantage is exactly 0; the uniform
+    # groups split into high (all solved, on a 0/1 reward) and low (all failed), which VGPO's anchor treats apart
     groups = [terminal[group_ids == g] for g in group_ids.unique()]
+    uniform = [g.std(unbiased=False).item() < UNIFORM_STD for g in groups]
+    high = [g.mean().item() >= 0.5 for g in groups]
     return {
         "reward/mean": terminal.mean().item(),
         "reward/std": float(np.mean([g.std(unbiased=False).item() for g in groups])),  # within-group spread
         "reward/frac_zero_std": float(np.mean([(g.max() - g.min()).item() < 1e-6 for g in groups])),
+        "reward/frac_all_solved": float(np.mean([u and h for u, h in zip(uniform, high)])),
+        "reward/frac_all_failed": float(np.mean([u and not h for u, h in zip(uniform, high)])),
+        # the share of trajectories that the update pushes at all: 0 in GRPO's uniform groups
+        "advantage/frac_nonzero": (adv[:, :trained].abs() > 1e-6).any(dim=1).float().mean().item(),
         "credit/instant_reward": r.mean(0).tolist(),
         "credit/value": values.mean(0).tolist(),
         "credit/weight": weights.mean(0).tolist(),
@@ -554,6 +567,8 @@ def train(args: Args) -> list[dict]:
     harness.check_vocabulary(args, train_set + eval_set)  # plumbing: the tiny model knows only its words
     run = harness.RunFolder.open(args, checkpoint)  # plumbing: runs/<run>/, args.json
     model = load_model(args, prompts=[p for p, _ in train_set + eval_set])  # plumbing: the prompt files read once
+    harness.init_from(model, args.init_from)  # plumbing: --init-from: another run's trained weights (the KL's
+    #                                                     reference stays the base model)
     optimizer = make_optimizer(model, args)
     ema = harness.WeightEMA(optimizer, args.ema_decay, args.ema_update_interval)  # Flow-GRPO's: evaluated and saved
     rngs = {"prompts": rng}  # the random state a checkpoint keeps

@@ -336,6 +336,25 @@ def test_a_reward_model_that_raises_is_named(where, prompt_file, tmp_path, monke
         run(str(tmp_path / "run"), prompt_file, epochs=1, reward="broken")
 
 
+def test_init_from_starts_a_new_run_from_another_runs_weights(two_epochs, prompt_file, tmp_path):
+    """--init-from RUN: epoch 0 of the new run evaluates RUN's final weights (the same held-out numbers), then it
+    trains on from them in its own folder with a fresh optimizer; RUN is not touched."""
+    before = result(two_epochs)
+    model = vgpo.load_model(vgpo.make_args(model="tiny", prompts=prompt_file, **SETTINGS))
+    base = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    harness.init_from(model, two_epochs)
+    state = model.transformer.state_dict()
+    assert all(torch.equal(state[k], before[1][k]) for k in state)
+    assert not all(torch.equal(state[k], base[k]) for k in state)  # RUN trained: its weights are not the base's
+    out = str(tmp_path / "continued")
+    assert run(out, prompt_file, epochs=1, init_from=two_epochs, reward="shapes") == 0  # partial credit: a signal
+    rows, weights = result(out)
+    evals = ("eval/strict_accuracy", "eval/partial_credit")
+    assert [rows[0][k] for k in evals] == [before[0][-1][k] for k in evals]
+    assert not all(torch.equal(weights[k], before[1][k]) for k in weights)  # and this run trained on
+    assert result(two_epochs)[0] == before[0]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Validation of every setting, before anything heavy is loaded
 # ---------------------------------------------------------------------------------------------------
@@ -357,6 +376,7 @@ BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fr
     ("eval_every", ["--eval-every", "0"], "--eval-every"), ("save_every", ["--save-every", "-1"], "--save-every"),
     ("keep_checkpoints", ["--keep-checkpoints", "0"], "--keep-checkpoints"),
     ("resume", ["--resume", "{tmp}/nothing"], "not a run folder"),
+    ("init_from", ["--init-from", "{tmp}/old-run"], "no transformer.safetensors there"),
     ("nan_patience", ["--nan-patience", "0"], "--nan-patience"),
     ("num_generations", ["--num-generations", "1"], "--num-generations"),
     ("prompts_per_epoch", ["--prompts-per-epoch", "0"], "--prompts-per-epoch"),
