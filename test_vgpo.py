@@ -1,5 +1,6 @@
 """Tests of the method: each one checks a claim made in vgpo.py, shapes.py or the README. Run: python -m pytest -q
 (the plumbing, rewards, SD3 path, tutorial and layout are tested in tests/)."""
+import copy
 import dataclasses
 import json
 import os
@@ -110,6 +111,50 @@ def test_sde_steps_makes_later_steps_euler_and_trains_only_the_window(tiny_model
         assert changed == moves, steps
 
 
+def _pixel_probe(images):
+    """A reward that is a fixed random linear function of every value of its input, squashed into (0, 1): two
+    different images get different rewards, so a reward says which image was scored."""
+    w = torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(images[0].numel()))
+    return torch.sigmoid((images * w).flatten(1).sum(1) / images[0].numel() ** 0.5)
+
+
+def test_previews_are_one_step_clean_predictions_and_instant_rewards_score_them(tiny_model):
+    """Eq. 9: the rollout's x0_preds[:, k] is x_{k+1} − σ_{k+1}·v(x_{k+1}), recomputed here from the stored latents
+    with the transformer, step by step (x̂0_T = x_T); and instant_rewards scores exactly those previews,
+    r_k = R(decode(x̂0_{k+1})) for k ≤ T−3, with r_{T−2} = r_{T−1} (the last step is an Euler step to σ = 0, so its
+    preview x̂0_{T−1} is the final latent x_T and the final image's reward is its reward)."""
+    model, args = tiny_model
+    traj = vgpo.rollout(model, ["a red circle", "two blue squares"], args, generator=torch.Generator().manual_seed(2))
+    T = args.num_steps
+    cond = model.encode(traj.prompts)
+    want = torch.empty_like(traj.x0_preds)
+    with torch.no_grad():
+        for k in range(T):
+            x, sigma = traj.latents[:, k + 1], traj.sigmas[k + 1]
+            v = model.transformer(x, encoder_hidden_states=cond[0], pooled_projections=cond[1],
+                                  timestep=(1000 * sigma).expand(len(x)), return_dict=False)[0]
+            want[:, k] = x - sigma * v
+    torch.testing.assert_close(traj.x0_preds, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(traj.x0_preds[:, -1], traj.latents[:, -1]) and traj.sigmas[-1] == 0
+    # the reward records what it is given; the previews go through the model's own decoder
+    scored = []
+
+    def reward_fn(images, prompts, metadata):
+        scored.append(images)
+        return _pixel_probe(images)
+
+    previewing = dataclasses.replace(model, preview_decode=None)
+    r = vgpo.instant_rewards(previewing, traj, reward_fn, [{}] * len(traj.prompts), previews=True)
+    assert r.shape == (8, T)
+    with torch.no_grad():
+        for k in range(T - 2):
+            torch.testing.assert_close(r[:, k], _pixel_probe(model.decode(want[:, k])), atol=1e-5, rtol=0)
+    torch.testing.assert_close(r[:, T - 1], _pixel_probe(traj.images), atol=0, rtol=0)
+    torch.testing.assert_close(r[:, T - 2], r[:, T - 1], atol=1e-6, rtol=0)
+    # nothing is scored twice: N final images and N·(T−2) previews (N·(T−1) if x̂0_{T−1} = x_T is scored again)
+    assert len(traj.prompts) * (T - 1) <= sum(len(s) for s in scored) <= len(traj.prompts) * T
+
+
 def test_clip_stops_the_gradient_only_in_the_direction_of_the_advantage_sign():
     """Outside [1−ε, 1+ε] the gradient is zero where moving further would pay (ρ > 1+ε for Â > 0,
     ρ < 1−ε for Â < 0) and not zero where the unclipped term is the pessimistic one."""
@@ -128,6 +173,181 @@ def test_kl_term_is_added_with_beta():
     base, _ = vgpo.policy_loss(lp, lp, torch.ones(3), 1e-3)
     with_kl, stats = vgpo.policy_loss(lp, lp, torch.ones(3), 1e-3, kl=torch.tensor([1.0, 2.0, 3.0]), beta=0.5)
     assert abs(with_kl.item() - (base.item() + 1.0)) < 1e-6 and stats["loss/kl"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flow-GRPO's update: the gradient one `update` call gives, against the loss written out by hand
+# ---------------------------------------------------------------------------------------------------
+class _GradientRecorder(torch.optim.Optimizer):
+    """An optimizer whose step records the gradient it is given (after update's norm clip), flattened, and
+    leaves the weights alone."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.seen = []
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.seen.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+
+
+def _stratified_order(shuffle, steps):
+    """The rows in the order update's docstring defines: optimizer step u = 0…U−1 takes from every group g in turn
+    its trajectories shuffle[g, u·G/U : (u+1)·G/U], the rows g·G + j of the rollout."""
+    P, G = shuffle.shape
+    share = G // steps
+    return [g * G + int(j) for u in range(steps) for g in range(P) for j in shuffle[g, u * share: (u + 1) * share]]
+
+
+def _step_mean(net, x, sigma, sigma_next, cond, a):
+    """Flow-GRPO's SDE step written out (g = 1: the conditional velocity): (mean_k, std_k, dt_k)."""
+    v = net(x, encoder_hidden_states=cond[0], pooled_projections=cond[1], timestep=(1000 * sigma).expand(len(x)),
+            return_dict=False)[0]
+    dt = sigma_next - sigma
+    std_k = a * torch.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
+    return x + (v + std_k**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt, std_k, dt
+
+
+def _hand_update(model, traj, adv, args, rows):
+    """The unclipped gradient of each optimizer step of one `update` call over `rows` (in micro-batch order), and
+    the mean KL: micro-batches of B rows, A of them per optimizer step; per micro-batch and trained step k the
+    loss mean_i max(−Â·ρ, −Â·clip(ρ, 1 ± ε)) + β·mean_i KL_i, divided by S·A, with ρ = exp(log N(x_{k+1}; mean_k(θ),
+    std_k²·(−dt)) − log π_old) averaged over C, H, W, and KL_i = mean_CHW (mean_θ − mean_ref)²/(2·std_k²)."""
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    S, B, A = vgpo.sde_window(args.num_steps, args.sde_steps), args.train_batch_size, args.gradient_accumulation_steps
+    eps, grads, kls = args.clip_range, [], []
+    for start in range(0, len(rows), B * A):
+        total = 0.0
+        for first in range(start, start + B * A, B):
+            idx = torch.tensor(rows[first: first + B])
+            cond = model.encode([traj.prompts[i] for i in idx.tolist()])
+            for k in range(S):
+                x, x_next, sigma, sigma_next = traj.latents[idx, k], traj.latents[idx, k + 1], *traj.sigmas[k: k + 2]
+                mean, std_k, dt = _step_mean(model.transformer, x, sigma, sigma_next, cond, args.noise_level)
+                log_prob = torch.distributions.Normal(mean, std_k * torch.sqrt(-dt)).log_prob(x_next).mean((1, 2, 3))
+                ratio = torch.exp(log_prob - traj.log_probs[idx, k])
+                a_k = adv[idx, k]
+                loss = torch.maximum(-a_k * ratio, -a_k * ratio.clamp(1 - eps, 1 + eps)).mean()
+                if args.beta > 0:
+                    with torch.no_grad():
+                        mean_ref = _step_mean(model.reference, x, sigma, sigma_next, cond, args.noise_level)[0]
+                    kl = ((mean - mean_ref) ** 2).mean((1, 2, 3)) / (2 * std_k**2)
+                    kls.append(kl.mean().item())
+                    loss = loss + args.beta * kl.mean()
+                total = total + loss / (S * A)
+        grad = torch.autograd.grad(total, params, allow_unused=True)
+        grads.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grad, params)]))
+    return grads, kls
+
+
+def _norm(flat):
+    """The Euclidean norm of a long flat fp32 vector, summed in fp64 (fp32's own loses digits over 3.5 M terms)."""
+    return flat.double().norm().item()
+
+
+def _norm_clipped(grad, max_norm):
+    return grad * min(1.0, max_norm / (_norm(grad) + 1e-6))
+
+
+@pytest.fixture(scope="module")
+def moved_rollout(tiny_model):
+    """A rollout of 2 prompts × 4 (T = 4, S = 3 trained steps) whose old log-probs are moved by up to ±2ε, so that
+    some ratios fall outside the clip band, and random advantages."""
+    model, args = tiny_model
+    args = dataclasses.replace(args, sde_steps=0)
+    traj = vgpo.rollout(model, ["a red circle", "two blue squares"], args, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    offsets = (torch.rand(traj.log_probs.shape, generator=g) * 4 - 2) * args.clip_range
+    return dataclasses.replace(traj, log_probs=traj.log_probs + offsets), torch.randn(8, 4, generator=g), args
+
+
+def test_update_gradient_is_the_mean_clipped_loss_written_out(tiny_model, moved_rollout):
+    """One `update` call gives each optimizer step the gradient of the loss written out in _hand_update (the
+    clipped surrogate of the Gaussian step's ratio, per micro-batch and trained step, ÷ S·A), clipped to norm
+    max_grad_norm: one optimizer step of two micro-batches where the norm clip does not bite, and two steps of
+    one micro-batch each (stratified: half of every group) where it does (max_grad_norm = 0.6 × the smaller norm).
+    The logged grad_norm is the norm before the clip."""
+    model, _ = tiny_model
+    traj, adv, args = moved_rollout
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    halves = _stratified_order(torch.arange(4).repeat(2, 1), 2)  # no shuffle, U = 2: rows 0, 1, 4, 5 | 2, 3, 6, 7
+    for accum, rows, bites in ((2, list(range(8)), False), (1, halves, True)):
+        run = dataclasses.replace(args, gradient_accumulation_steps=accum, beta=0.0, max_grad_norm=1e6)
+        want, _ = _hand_update(model, traj, adv, run, rows)
+        assert len(want) == 2 // accum
+        if bites:
+            run = dataclasses.replace(run, max_grad_norm=0.6 * min(_norm(w) for w in want))
+        opt = _GradientRecorder(params)
+        stats = vgpo.update(model, traj, adv, opt, run)
+        assert len(opt.seen) == len(want)
+        for got, w in zip(opt.seen, want):
+            w = _norm_clipped(w, run.max_grad_norm)
+            assert _norm(got - w) <= 1e-4 * _norm(w), (accum, _norm(got - w) / _norm(w))
+            if bites:
+                assert abs(_norm(got) - run.max_grad_norm) <= 1e-4 * run.max_grad_norm
+        assert stats["policy/grad_norm"] == pytest.approx(np.mean([_norm(w) for w in want]), rel=1e-4)
+        assert 0 < stats["policy/clip_frac"] < 1  # the clip band matters: some ratios are outside it
+
+
+def test_update_kl_is_flow_grpos_against_a_perturbed_reference(tiny_model, moved_rollout):
+    """With β > 0 the gradient gains β·∇ mean KL, Flow-GRPO's KL to the reference policy: KL = mean over C, H, W of
+    (mean_θ − mean_ref)²/(2·std_k²) with std_k = a·sqrt(σ_k/(1 − σ_k)) (1 − σ_{k+1} at σ_k = 1), the exact KL of the
+    two Gaussian steps times −dt_k. The reference is the transformer with perturbed weights, so the KL is not 0;
+    the gradient and the logged loss/kl match _hand_update's, and differ from β = 0's."""
+    model, _ = tiny_model
+    traj, adv, args = moved_rollout
+    reference = copy.deepcopy(model.transformer).requires_grad_(False)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    kl_model = dataclasses.replace(model, reference=reference)
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    run = dataclasses.replace(args, gradient_accumulation_steps=2, beta=1.0, max_grad_norm=1e6)
+    want, kls = _hand_update(kl_model, traj, adv, run, list(range(8)))
+    without, _ = _hand_update(kl_model, traj, adv, dataclasses.replace(run, beta=0.0), list(range(8)))
+    assert _norm(want[0] - without[0]) > 0.1 * _norm(want[0])  # the KL term is a real part of the gradient
+    opt = _GradientRecorder(params)
+    stats = vgpo.update(kl_model, traj, adv, opt, run)
+    assert _norm(opt.seen[0] - want[0]) <= 1e-4 * _norm(want[0]), _norm(opt.seen[0] - want[0]) / _norm(want[0])
+    assert stats["loss/kl"] == pytest.approx(np.mean(kls), rel=1e-4) and np.mean(kls) > 0
+
+
+class _RowRecorder(torch.nn.Module):
+    """The transformer, recording the latents x of every call (the trajectories a micro-batch holds)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x, **kwargs):
+        self.inputs.append(x.detach().clone())
+        return self.net(x, **kwargs)
+
+
+def test_update_takes_the_trajectories_in_the_stratified_shuffle_order(tiny_model):
+    """update's docstring: with P groups of G and U optimizer steps, step u takes G/U of every group, in the order
+    `shuffle` (P, G) gives each group's trajectories, cut into micro-batches of B. Checked on P = 3, G = 4, B = 3,
+    A = 2 (U = 2) by recording which rollout rows (told apart by their distinct starting noise) each transformer
+    call and each optimizer step receive."""
+    model, args = tiny_model
+    args = dataclasses.replace(args, num_generations=4, num_steps=2, sde_steps=1, train_batch_size=3,
+                               gradient_accumulation_steps=2, max_grad_norm=1e6)
+    traj = vgpo.rollout(model, ["a red circle", "two blue squares", "a circle left of a square"], args,
+                        generator=torch.Generator().manual_seed(6))
+    shuffle = torch.tensor([[3, 1, 0, 2], [2, 0, 3, 1], [1, 3, 2, 0]])
+    recorder = _RowRecorder(model.transformer)
+    opt = _GradientRecorder([p for p in model.transformer.parameters() if p.requires_grad])
+    calls_at_step = []
+    opt.step = lambda closure=None: calls_at_step.append(len(recorder.inputs))
+    vgpo.update(dataclasses.replace(model, transformer=recorder), traj, torch.randn(12, 2), opt, args, shuffle)
+    starts = traj.latents[:, 0].flatten(1)  # (12, C·H·W), every row different
+    assert len(set(map(tuple, starts.tolist()))) == 12
+    seen = [[int((starts == x).all(1).nonzero()) for x in call.flatten(1)] for call in recorder.inputs]
+    want = _stratified_order(shuffle, 2)
+    assert want[:6] == [3, 1, 6, 4, 9, 11]  # step 0: the first two of every group's shuffle
+    assert seen == [want[i: i + 3] for i in range(0, 12, 3)]  # S = 1: one call per micro-batch
+    assert calls_at_step == [2, 4]  # an optimizer step after every A = 2 micro-batches
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,6 +409,56 @@ def test_logged_advantage_summary_covers_the_trained_steps_only():
     r = torch.rand(2, 4)
     row = vgpo.epoch_metrics(r, r, torch.ones(2, 4), adv, torch.zeros(2, dtype=torch.long), trained=2)
     assert row["advantage/trained_mean_abs"] == 1.5 and row["advantage/mean_abs"] == [1.0, 2.0, 10.0, 100.0]
+
+
+def test_advantages_are_clipped_to_adv_clip_max():
+    """Reading 5: VGPO's and GRPO's advantages are clipped to ±adv_clip_max. One success among 32 has the group-
+    normalised advantage (31/32)/(√31/32 + 1e-4) = 31/(√31 + 0.0032) ≈ 5.57 > 5, one failure among 32 the negative
+    of it; both come out at ±5 (±2 with a clip of 2), while their 31 siblings' −1/(√31 + 0.0032) are untouched."""
+    N, T = 32, 3
+    rewards = torch.zeros(2 * N)
+    rewards[0], rewards[N + 1:] = 1.0, 1.0  # group 0: one success; group 1: one failure
+    group_ids = torch.arange(2).repeat_interleave(N)
+    big, small = 31 / (31**0.5 + 32e-4), 1 / (31**0.5 + 32e-4)
+    unclipped = torch.full((2 * N,), -small)
+    unclipped[N:] = small
+    unclipped[0], unclipped[N] = big, -big
+    assert big > 5
+    for clip in (5.0, 2.0):
+        want = unclipped.clamp(-clip, clip)[:, None].expand(-1, T)
+        assert want[0, 0] == clip and want[N, 0] == -clip and want[1, 0] == -small
+        grpo = vgpo.grpo_advantages(rewards, group_ids, "group", clip, T)
+        torch.testing.assert_close(grpo, want, atol=1e-5, rtol=0)
+        # VGPO with every Q_k = R, κ = 0 and ω ≡ 1 is the same normalisation, step by step
+        values = rewards[:, None].expand(-1, T).contiguous()
+        adv = vgpo.vgpo_advantages(values, group_ids, 0.9, 0.0, T, clip, weights=torch.ones(2 * N, T))
+        torch.testing.assert_close(adv, want, atol=1e-5, rtol=0)
+        # with the anchor on, the success's +κ·Q̄ pushes it further past the clip, which still holds it; its
+        # siblings (Q = 0) have no anchor
+        adv = vgpo.vgpo_advantages(values, group_ids, 0.9, 1.0, T, clip, weights=torch.ones(2 * N, T))
+        assert (adv[0] == clip).all() and adv.max() == clip and adv.min() == -clip
+        torch.testing.assert_close(adv[1:N], want[1:N], atol=1e-5, rtol=0)
+
+
+def test_reward_spread_metrics_by_hand():
+    """epoch_metrics: reward/std is the mean over groups of the population std of the terminal reward, and
+    reward/frac_zero_std the share of groups whose terminal rewards all agree (to 1e-6), GRPO's zero-advantage
+    groups; groups are found by id, not by position; reward/mean is the terminal reward's mean."""
+    terminal = torch.tensor([0.5, 0.0, 0.3, 0.5, 1.0, 0.3, 0.5, 0.0, 0.3 + 4e-7, 0.5, 1.0, 0.3])
+    group_ids = torch.tensor([0, 1, 2] * 4)  # interleaved: group 0 uniform, group 1 {0, 1, 0, 1}, group 2 ≈ uniform
+    r = torch.zeros(12, 4)
+    r[:, -1] = terminal
+    r[:, 0] = torch.linspace(0, 1, 12)  # instant rewards of earlier steps do not count
+    row = vgpo.epoch_metrics(r, r, torch.ones(12, 4), torch.zeros(12, 4), group_ids, trained=3)
+    spread_2 = (4e-7 * 0.75**0.5 * 0.25**0.5)  # population std of {0.3, 0.3, 0.3 + d, 0.3} = d·√(3/16)
+    assert row["reward/frac_zero_std"] == pytest.approx(2 / 3)
+    assert row["reward/std"] == pytest.approx((0.0 + 0.5 + spread_2) / 3, abs=1e-7)
+    assert row["reward/mean"] == pytest.approx(terminal.mean().item())
+    # one group of a trajectory apart (0.3 + 2e-6) is no longer uniform
+    terminal[8] = 0.3 + 2e-6
+    r[:, -1] = terminal
+    row = vgpo.epoch_metrics(r, r, torch.ones(12, 4), torch.zeros(12, 4), group_ids, trained=3)
+    assert row["reward/frac_zero_std"] == pytest.approx(1 / 3)
 
 
 def test_vgpo_reduces_to_grpo_without_anchor_weights_and_instant_rewards():
@@ -511,27 +781,78 @@ def test_one_epoch_changes_every_parameter_and_is_bitwise_reproducible(tmp_path,
     assert unchanged == [], unchanged
 
 
-def test_vgpo_ablations_and_grpo_run(tmp_path, prompt_file):
-    """--algo grpo, --no-temporal-values and --anchor-coef 0 each train; GRPO logs flat credit, and without
-    temporal values only the terminal step carries reward."""
+def _normalised_by_group(x, group_ids):
+    """(x − group mean)/(group std + 1e-4) per column, in float64 numpy (the population std, as np.std)."""
+    x, group_ids = x.double().numpy(), group_ids.numpy()
+    out = np.empty_like(x)
+    for g in set(group_ids.tolist()):
+        m = group_ids == g
+        out[m] = (x[m] - x[m].mean(0)) / (x[m].std(0) + 1e-4)
+    return torch.from_numpy(out)
+
+
+def test_vgpo_ablations_and_grpo_run(tmp_path, prompt_file, monkeypatch):
+    """--algo grpo, --no-temporal-values and --anchor-coef 0 each train (every trainable weight moves) with the
+    credit its setting defines, recomputed here from the epoch's own rewards r: GRPO scores the final image only
+    and gives every step (R − group mean)/(group std + 1e-4) (the tiny preset's 'group' scaling); without temporal
+    values only the final image is scored, ω ≡ 1 and Â_k = norm(γ^{T−1−k}·R) + κ·R on the anchored steps; with
+    κ = 0 the previews are scored and Â = ω·norm(Q) with Q_k = r_k + γ·Q_{k+1} and ω = Q/mean(Q) (1 where Q ≡ 0),
+    0 for a uniform group (norm: group-normalised as GRPO's)."""
+    from safetensors.torch import load_file
+
+    base = {k: p.detach().clone() for k, p in shapes.load(shapes.CHECKPOINT)["transformer"].named_parameters()
+            if p.requires_grad}  # the weights RL trains
+    credited, original = [], vgpo.credit
+
+    def recording_credit(r, group_ids, args):
+        out = original(r, group_ids, args)
+        credited.append((r.clone(), group_ids.clone(), *out))
+        return out
+
+    monkeypatch.setattr(vgpo, "credit", recording_credit)
     for name, extra in [("grpo", dict(algo="grpo")), ("notv", dict(temporal_values=False)),
                         ("noanchor", dict(anchor_coef=0.0))]:
         args = vgpo.make_args(model="tiny", prompts=prompt_file, output_dir=str(tmp_path / name), **{**SMALL, **extra})
         row = vgpo.train(args)[-1]
-        if name != "noanchor":
-            assert row["credit/instant_reward"][:-1] == [0.0] * 3
+        trained = load_file(str(tmp_path / name / "transformer.safetensors"))
+        assert [k for k in base if torch.equal(trained[k], base[k])] == [], name  # every trainable weight moved
+        (r, group_ids, values, weights, adv), T, gamma = credited.pop(), args.num_steps, args.gamma
+        assert r.shape == (8, T) and r[:, -1].std() > 0 and row["reward/mean"] == pytest.approx(r[:, -1].mean().item())
+        terminal = r[:, -1:]
         if name == "grpo":
-            assert len(set(np.round(row["advantage/mean_abs"], 6))) == 1
+            assert (r[:, :-1] == 0).all() and (weights == 1).all()
+            want = _normalised_by_group(terminal, group_ids).expand(-1, T)
+        elif name == "notv":
+            assert (r[:, :-1] == 0).all() and (weights == 1).all() and args.anchor_steps >= T
+            discounts = torch.tensor([gamma ** (T - 1 - k) for k in range(T)])
+            want = _normalised_by_group(terminal * discounts, group_ids) + args.anchor_coef * terminal.double()
+        else:
+            assert (r[:, :-1] > 0).any()  # the previews are scored
+            q = torch.zeros_like(r)
+            q[:, -1] = r[:, -1]
+            for k in reversed(range(T - 1)):
+                q[:, k] = r[:, k] + gamma * q[:, k + 1]
+            mean_q = q.mean(1, keepdim=True)
+            omega = torch.where(mean_q > 0, q / mean_q.clamp_min(1e-12), 1.0)  # 1 for a trajectory without reward
+            want = omega.double() * _normalised_by_group(q, group_ids)
+        clip = args.adv_clip_max
+        torch.testing.assert_close(adv.double(), want.clamp(-clip, clip), atol=1e-4, rtol=1e-4)
+        assert row["advantage/mean_abs"] == pytest.approx(adv.abs().mean(0).tolist(), abs=1e-6)
 
 
 def test_command_line_as_a_user_types_it(tmp_path, prompt_file):
-    """`python vgpo.py …` runs one epoch and writes args.json, metrics.jsonl (epoch 0 = base model), grids, curves."""
+    """`python vgpo.py …` runs one epoch and writes args.json, metrics.jsonl (epoch 0 = base model), grids, curves.
+    With --beta > 0 and two optimizer steps (accumulation 1) the second step's policy has left the reference:
+    the logged loss/kl and approx_kl are > 0; the logged metrics are in their ranges (2 groups: frac_zero_std
+    is 0, ½ or 1; per-step lists have T entries)."""
     out = tmp_path / "cli"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+    settings = {**SMALL, "gradient_accumulation_steps": 1, "beta": 0.5}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     proc = subprocess.run([sys.executable, "vgpo.py", *flags, "--prompts", prompt_file, "--output-dir", str(out)],
                           cwd=HERE, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "N = P·G = 2·4 = 8" in proc.stdout and "epoch   1/1" in proc.stdout
+    assert "2 optimizer steps per epoch" in proc.stdout
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert "eval/strict_accuracy" in rows[0] and "eval/strict_accuracy" in rows[1] and "reward/mean" not in rows[0]
@@ -539,8 +860,14 @@ def test_command_line_as_a_user_types_it(tmp_path, prompt_file):
                 "credit/weight", "advantage/mean_abs", "policy/approx_kl", "policy/clip_frac", "loss/policy",
                 "loss/kl", "time/rollout_s", "time/reward_s", "time/update_s", "eval/score"):
         assert key in rows[1], key
-    assert len(rows[1]["credit/value"]) == 4
-    assert json.loads((out / "args.json").read_text())["guidance_scale"] == 1.0
+    row = rows[1]
+    assert all(len(row[k]) == 4 for k in ("credit/instant_reward", "credit/value", "credit/weight",
+                                          "advantage/mean_abs"))
+    assert row["loss/kl"] > 0 and row["policy/approx_kl"] > 0 and 0 <= row["policy/clip_frac"] <= 1
+    assert row["reward/frac_zero_std"] in (0.0, 0.5, 1.0) and 0 <= row["reward/mean"] <= 1
+    assert 0 <= row["reward/std"] <= 0.5 and row["policy/grad_norm"] > 0
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["guidance_scale"] == 1.0 and saved["beta"] == 0.5
     assert (out / "curves.png").exists() and (out / "samples" / "epoch_0000.png").exists()
 
 

@@ -295,6 +295,33 @@ def test_shapes_reward_rejects_prompts_outside_the_grammar_before_the_run():
         fn.check_prompts([("a red circle", {}), ("a green triangle above a red circle", {})])
 
 
+def test_shapes_reward_is_half_partial_credit_half_strict_by_hand():
+    """`shapes` = ½·(share of the verifier's checks passed) + ½·(all passed), on scenes whose checks are counted by
+    hand: for 'a circle left of a square' (circle, square, relation, clean) a faithful scene passes 4/4 → 1, the
+    swapped scene 3/4 (no relation) → 3/8, a lone circle 1/4 → 1/8, a blank image 0/4 → 0; for 'two red circles'
+    (a red circle, two of them, clean) one red circle passes 1/3 → 1/6. `shapes_strict` is the all-passed part;
+    the metrics' score is the mean of `shapes`, their partial_credit the mean share."""
+    import shapes
+
+    rng = np.random.default_rng(0)
+    scenes = [("a circle left of a square", "a circle left of a square"),
+              ("a circle left of a square", "a square left of a circle"),
+              ("a circle left of a square", "a circle"), ("a circle left of a square", None),
+              ("two red circles", "a red circle")]
+    images = torch.from_numpy(np.stack([shapes.render(shapes.parse_prompt(drawn), rng) if drawn else
+                                        np.zeros((3, 32, 32), np.float32) for _, drawn in scenes]))
+    prompts = [p for p, _ in scenes]
+    partial = torch.tensor([1.0, 3 / 4, 1 / 4, 0.0, 1 / 3])
+    strict = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
+    got = reward.REWARDS["shapes"]("cpu")(images, prompts, [{}] * 5)
+    torch.testing.assert_close(got, torch.tensor([1.0, 3 / 8, 1 / 8, 0.0, 1 / 6]))
+    torch.testing.assert_close(got, 0.5 * partial + 0.5 * strict)
+    torch.testing.assert_close(reward.REWARDS["shapes_strict"]("cpu")(images, prompts, [{}] * 5), strict)
+    m = reward.REWARDS["shapes"]("cpu").metrics(images, prompts, [{}] * 5)
+    assert m["score"] == pytest.approx(got.mean().item())
+    assert m["partial_credit"] == pytest.approx(partial.mean().item())
+
+
 # ---------------------------------------------------------------------------------------------------
 # GenEval: the rules on hand-built detections, the whole reward on random-weight models, the prompt sets
 # ---------------------------------------------------------------------------------------------------

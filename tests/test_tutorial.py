@@ -186,7 +186,10 @@ def test_experiments_snr_keeps_the_update_gradient_without_changing_the_model(tm
 
 def test_the_readme_figure_shows_vgpos_per_step_credit_beside_grpos_flat_one():
     """tools/figure.py's group (results/credit.png): a prompt whose samples disagree, GRPO's advantage the same at
-    every step, VGPO's not, and both computed by vgpo's own functions."""
+    every step, VGPO's not, and both computed by vgpo's own functions: the values, weights and advantages it plots
+    are vgpo.credit's of its instant rewards, with the run's settings (VGPO) and with --algo grpo."""
+    import dataclasses
+
     import torch
 
     import shapes
@@ -200,3 +203,7 @@ def test_the_readme_figure_shows_vgpos_per_step_credit_beside_grpos_flat_one():
     assert prompt in shapes.TRAIN_PROMPTS and r[:, -1].std() > 0
     assert torch.equal(grpo, grpo[:, :1].expand_as(grpo)) and not torch.equal(adv, adv[:, :1].expand_as(adv))
     torch.testing.assert_close(values, vgpo.temporal_values(r, args.gamma))
+    group = torch.zeros(4, dtype=torch.long)
+    for got, want in zip((values, weights, adv), vgpo.credit(r, group, args)):
+        assert torch.equal(got, want)
+    assert torch.equal(grpo, vgpo.credit(r, group, dataclasses.replace(args, algo="grpo"))[2])
