@@ -461,6 +461,26 @@ def test_reward_spread_metrics_by_hand():
     assert row["reward/frac_zero_std"] == pytest.approx(1 / 3)
 
 
+def test_uniform_group_metrics_by_hand():
+    """reward/frac_all_solved and frac_all_failed: the shares of groups whose terminal rewards' std is below
+    UNIFORM_STD, with a mean ≥ 0.5 or below it; advantage/frac_nonzero: the share of trajectories with |Â| > 1e-6
+    on some trained step (steps from `trained` on do not count)."""
+    terminal = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0.9, 0.905, 0.9, 0.9, 0.2, 0.2, 0.2, 0.2])
+    group_ids = torch.arange(5).repeat_interleave(4)  # solved, failed, mixed, high within 0.01, low
+    r = torch.zeros(20, 4)
+    r[:, -1] = terminal
+    adv = torch.zeros(20, 4)
+    adv[[0, 5, 9], 1] = 0.3
+    adv[[2, 3], 3] = 1.0  # step 3 is not trained
+    row = vgpo.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, trained=3)
+    assert row["reward/frac_all_solved"] == pytest.approx(2 / 5) and row["reward/frac_all_failed"] == pytest.approx(2 / 5)
+    assert row["reward/frac_zero_std"] == pytest.approx(3 / 5)  # exact equality: not the group 0.9 / 0.905
+    assert row["advantage/frac_nonzero"] == pytest.approx(3 / 20)
+    terminal[13] = 0.95  # std 0.0217 > 0.01: no longer uniform
+    r[:, -1] = terminal
+    assert vgpo.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, 3)["reward/frac_all_solved"] == pytest.approx(1 / 5)
+
+
 def test_vgpo_reduces_to_grpo_without_anchor_weights_and_instant_rewards():
     """κ = 0, ω ≡ 1 and terminal-only rewards: VGPO's advantage is GRPO's (exactly for γ = 1)."""
     g = torch.Generator().manual_seed(1)

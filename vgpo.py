@@ -596,7 +596,7 @@ def train(args: Args) -> list[dict]:
             if stop.requested() or guard.tripped or due:
                 saved = recovery.save_checkpoint(run.path, epoch, args, model, optimizer, rngs, guard, history, ema)
                 recovery.raise_if_stopped(stop.signum, guard, saved, args, epoch)
-    run.finish(model, history, ema)  # plumbing: the weights (their EMA if on), curves.png, accuracy before and after
+    run.finish(model, history, ema, sde_window(args.num_steps, args.sde_steps))  # plumbing: weights, curves.png
     return history
 
 

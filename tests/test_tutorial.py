@@ -207,3 +207,40 @@ def test_the_readme_figure_shows_vgpos_per_step_credit_beside_grpos_flat_one():
     for got, want in zip((values, weights, adv), vgpo.credit(r, group, args)):
         assert torch.equal(got, want)
     assert torch.equal(grpo, vgpo.credit(r, group, dataclasses.replace(args, algo="grpo"))[2])
+
+
+def test_collapse_tool_decomposes_the_gradient_into_pieces_that_add_up():
+    """tools.collapse: groups are told apart by their terminal rewards (mixed, all-solved, all-failed); the update's
+    gradient is linear in Â, so the gradients of Â masked to each kind of group add up to the whole one; a small
+    decomposition runs and reports every piece for every measured rollout."""
+    import torch
+
+    import vgpo
+    from tools import collapse
+
+    kinds = collapse.group_kinds(torch.tensor([1.0, 1, 0, 0, 0, 1, 0.2, 0.2]), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert [kinds[k].nonzero().flatten().tolist() for k in ("mixed", "all-solved", "all-failed")] == \
+        [[4, 5], [0, 1], [2, 3, 6, 7]]
+    args = vgpo.make_args(model="tiny", prompts_per_epoch=2, num_generations=4, train_batch_size=4, num_steps=4)
+    model = vgpo.load_model(args)
+    traj = vgpo.rollout(model, ["a red circle", "two blue squares"], args, generator=torch.Generator().manual_seed(0))
+    adv = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    whole = collapse.gradient(model, traj, adv, args)
+    parts = sum(collapse.gradient(model, traj, adv * (traj.group_ids == g)[:, None].float(), args) for g in (0, 1))
+    assert whole.norm() > 0
+    torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
+    out = collapse.decompose(None, batches=2, ref_batches=1, prompts_per_epoch=2, num_generations=4,
+                             train_batch_size=8, num_steps=4)
+    assert {"vgpo total", "grpo total", "vgpo mixed relative", "vgpo all-solved absolute"} <= set(out["pieces"])
+    assert all(len(d["cos"]) == 2 and all(-1 <= c <= 1 for c in d["cos"]) for d in out["pieces"].values())
+    assert abs(sum(out["shares"].values()) - 1) < 1e-6
+
+
+def test_collapse_tool_bad_input_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):
+    from tools import collapse
+
+    monkeypatch.chdir(tmp_path)  # no runs/collapse here
+    assert collapse.main(["run", "--shard", "2/2"]) == 2
+    assert collapse.main(["run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--shard '2/2'" in err[0] and "python -m tools.collapse base" in err[1]
