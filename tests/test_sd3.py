@@ -3,6 +3,7 @@ SD3 pipeline is built from configs (tokenizers included), saved to a folder and 
 `--model PATH` code a user's SD3.5 folder goes through. Run: pytest -q"""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,6 +120,28 @@ def test_one_training_epoch_from_the_command_line(tiny_sd3, tmp_path):
     pipe.load_lora_weights(str(out / "lora"))
     after = pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **run).images
     assert (after - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("random_weights", [True, False], ids=["random-weights", "folder-weights"])
+def test_a_run_prints_only_its_own_lines(tiny_sd3, tmp_path, random_weights):
+    """A one-epoch run prints nothing of the libraries', off a terminal: nothing on stderr (no transformers note,
+    no warning, no loading or saving progress bar) and no library line on stdout. Importing diffusers' SD3
+    pipeline imports transformers' CLIPImageProcessor and SiglipImageProcessor, which without torchvision log a
+    fallback note each; with --random-weights (as `--model sd3.5 --random-weights`) that import happens when the
+    LoRA is saved, after the last epoch, otherwise when the prompts are encoded."""
+    folder, prompts, _ = tiny_sd3
+    flags = dict(epochs=1, prompts_per_epoch=2, num_generations=2, train_batch_size=2, gradient_accumulation_steps=2,
+                 num_steps=3, eval_steps=2, eval_batch_size=4, resolution=32, max_sequence_length=16,
+                 reward="jpeg_compressibility")
+    cmd = [sys.executable, "vgpo.py", "--model", folder, "--prompts", prompts, "--output-dir", str(tmp_path / "run"),
+           *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()], *(["--random-weights"] if random_weights else [])]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch   1/1" in proc.stdout and "pytorch_lora_weights.safetensors" in proc.stdout
+    assert proc.stderr == "", proc.stderr[-3000:]
+    noise = re.compile(r"torchvision|ImageProcessor|warn|deprecat|\[transformers\]|\[diffusers\]|it/s\]|Loading",
+                       re.IGNORECASE)
+    assert not [ln for ln in proc.stdout.splitlines() if noise.search(ln)], proc.stdout
 
 
 def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema(tiny_sd3, tmp_path, capsys):

@@ -169,8 +169,11 @@ def _bench_args(a, prompt_file, **extra):
 def stock_pipeline(model):
     """The stock StableDiffusion3Pipeline around the same transformer, VAE and scheduler settings (no text
     encoders: it is given the same cached prompt embeddings)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
+    import sd3
+
+    StableDiffusion3Pipeline = sd3.pipeline_module().StableDiffusion3Pipeline  # without transformers' import notes
     pipe = StableDiffusion3Pipeline(transformer=model.transformer, vae=model.parts["vae"],
                                     scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config),
                                     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
