@@ -207,6 +207,10 @@ def load(args, device: str, prompts: list[str]) -> dict:
     multiple = scale * transformer.config.patch_size
     if args.resolution % multiple:
         raise ModelUnavailable(f"--resolution {args.resolution} must be a multiple of {multiple} for {args.model}")
+    tokens = transformer.config.pos_embed_max_size  # its position embeddings cover no more tokens per side
+    if tokens and args.resolution > tokens * multiple:
+        raise ModelUnavailable(f"--resolution {args.resolution} is larger than this model's transformer takes: at most "
+                               f"{tokens * multiple} px (pos_embed_max_size {tokens} tokens × {multiple} px)")
     add_lora(transformer, args.lora_rank, args.lora_alpha)
     if args.gradient_checkpointing:  # recompute each block's activations in backward: far less memory
         transformer.enable_gradient_checkpointing()

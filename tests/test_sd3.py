@@ -244,14 +244,41 @@ def test_absent_weights_get_one_line_and_exit_code_2(model, needle, tmp_path, ca
 
 def test_sd3_benchmark_runs_end_to_end(tmp_path):
     """`python -m tools.bench --tiny-sd3` (the CPU stand-in for `--model sd3.5 --random-weights`) measures rollout
-    against the stock pipeline, the three epoch configurations and the FLOP rates, and writes its JSON."""
+    against the stock pipeline, the three epoch configurations and the FLOP rates, and writes its JSON; at its
+    default resolution (64 px: the tiny transformer takes at most 128), as the module docstring runs it."""
     from tools import bench
 
     out = tmp_path / "bench.json"
-    assert bench.main(["--tiny-sd3", "--resolution", "32", "--num-generations", "2", "--train-batch-size", "2",
+    assert bench.main(["--tiny-sd3", "--num-generations", "2", "--train-batch-size", "2",
                        "--num-steps", "3", "--max-sequence-length", "16", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
+    assert r["setting"]["resolution"] == bench.TINY_SD3_RESOLUTION == 64
     assert set(r["epochs"]) == {"vgpo (vae previews)", "vgpo (tiny previews)", "grpo"}
     assert r["rollout"]["images"] == 4 and r["rollout"]["rollout_img_s"] > 0 and r["rollout"]["stock_plain_img_s"] > 0
     assert r["flops"]["train_step_tflop"] > r["flops"]["forward_tflop"] > 0
     assert r["peak_epoch_gib"] is None if r["device"] == "cpu" else r["peak_epoch_gib"] > 0
+
+
+def test_sd3_benchmark_resolution_defaults_and_one_line_for_one_too_large(tmp_path, monkeypatch, capsys):
+    """The benchmark's --resolution defaults to 64 px with --tiny-sd3 and to 512 px with --model; a resolution
+    larger than the transformer's position embeddings cover (the tiny one: 32 tokens × 4 px = 128 px) stops with
+    one line on stderr and exit code 2, as vgpo.py does, not with diffusers' traceback."""
+    from tools import bench
+
+    seen = []
+
+    def record(a):
+        seen.append(a.resolution)
+        raise harness.UsageError("stop here")
+
+    monkeypatch.setattr(bench, "sd3_bench", record)
+    assert bench.main(["--tiny-sd3", "--out", str(tmp_path / "a.json")]) == 2
+    assert bench.main(["--model", "sd3.5", "--random-weights", "--out", str(tmp_path / "b.json")]) == 2
+    assert seen == [64, 512]
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert bench.main(["--tiny-sd3", "--resolution", "256", "--num-generations", "2", "--train-batch-size", "2",
+                       "--num-steps", "3", "--max-sequence-length", "16", "--out", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "at most 128 px" in err and "Traceback" not in err, err
+    assert not (tmp_path / "c.json").exists()

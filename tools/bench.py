@@ -294,6 +294,9 @@ def _gib(x):
     return x / 2**30
 
 
+TINY_SD3_RESOLUTION = 64  # the tiny pipeline's default side: 32×32 latents (its transformer takes up to 128 px)
+
+
 def sd3_bench(a) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmp = a.tmp  # the prompt file (and the tiny pipeline); removed by main() afterwards
@@ -396,7 +399,8 @@ def main(argv=None):
         p.add_argument("--model", default="", help="sd3.5, sd3.5-large, a hub id or a local diffusers folder")
         p.add_argument("--tiny-sd3", action="store_true", help="build a tiny random SD3 pipeline and bench it (CPU)")
         p.add_argument("--random-weights", action="store_true")
-        p.add_argument("--resolution", type=int, default=512)
+        p.add_argument("--resolution", type=int, default=None,
+                       help="image side in px (default 512; with --tiny-sd3 64: its transformer takes at most 128)")
         p.add_argument("--num-generations", type=int, default=8)
         p.add_argument("--prompts-per-epoch", type=int, default=2, help="P; N = P·G images per epoch")
         p.add_argument("--train-batch-size", type=int, default=8)
@@ -410,6 +414,8 @@ def main(argv=None):
         p.add_argument("--epochs", type=int, default=1, help="timed epochs per configuration (after one warm-up each)")
         p.add_argument("--out", default="bench-sd3.json")
         a = p.parse_args(argv)
+        if a.resolution is None:
+            a.resolution = TINY_SD3_RESOLUTION if a.tiny_sd3 else 512
         a.tmp = tempfile.mkdtemp(prefix="vgpo-bench-")
         try:
             r = sd3_bench(a)
