@@ -134,7 +134,8 @@ def test_a_run_prints_only_its_own_lines(tiny_sd3, tmp_path, random_weights):
                  num_steps=3, eval_steps=2, eval_batch_size=4, resolution=32, max_sequence_length=16,
                  reward="jpeg_compressibility")
     cmd = [sys.executable, "vgpo.py", "--model", folder, "--prompts", prompts, "--output-dir", str(tmp_path / "run"),
-           *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()], *(["--random-weights"] if random_weights else [])]
+           *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]]
+    cmd += ["--random-weights"] if random_weights else []
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch   1/1" in proc.stdout and "pytorch_lora_weights.safetensors" in proc.stdout
