@@ -63,6 +63,9 @@ def toy_epoch_time(epochs: int = 6, seed: int = 0) -> dict:
     return table
 
 
+DETECTOR_MIN_SIZE = 256  # smaller images give Grounding DINO fewer feature cells than its 900 queries (128 px: 340)
+
+
 def detector_times(size: int = 512, rounds: int = 3) -> dict:
     """Forward time of each detector considered for reward.geneval on one size×size image, on the CPU at torch's
     thread count: the real architecture built from its config with random weights (no download), the models
@@ -387,6 +390,11 @@ def main(argv=None):
         print(summarize(argv[1:]))
         return
     if argv[:1] == ["detectors"]:  # python -m tools.bench detectors [SIZE]
+        if len(argv) > 2 or (argv[1:] and not (argv[1].isdigit() and int(argv[1]) >= DETECTOR_MIN_SIZE)):
+            print(f"tools.bench: error: detectors takes one optional SIZE in px, an integer ≥ {DETECTOR_MIN_SIZE} "
+                  f"(Grounding DINO picks 900 queries among its feature cells), not {' '.join(argv[1:])!r}",
+                  file=sys.stderr)
+            return 2
         r = detector_times(*(int(a) for a in argv[1:2]))
         print(f"CPU forward of one {r['size']}-px image, {r['threads']} thread(s), "
               f"median of {r['rounds']} interleaved rounds")
