@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import warnings
 
 import torch
@@ -78,7 +79,8 @@ def compute_dtype(dtype: str, device: str) -> torch.dtype:
 @contextlib.contextmanager
 def _quiet():
     """Without a network the libraries log "Couldn't connect to the Hub … will try the cache" before they
-    raise; the user gets our one line instead (vgpo's contract for bad input)."""
+    raise; the user gets our one line instead (vgpo's contract for bad input). Their loading bars: see
+    _library_bars()."""
     import diffusers  # noqa: F401  (imported first: their import sets their loggers' levels)
     import transformers  # noqa: F401
 
@@ -89,10 +91,56 @@ def _quiet():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notes of the download helpers
-            yield
+            with _library_bars():
+                yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _library_bars():
+    """diffusers' and transformers' progress bars ("Loading pipeline components", "Loading weights", "Writing
+    model shards", downloads) on a terminal only, as the run's own (harness.progress): in a log, a CI job or a
+    test's captured output they are lines that are not the run's. Restored as they were afterwards."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from diffusers.utils import logging as df_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as tf_logging
+
+    on = df_logging.is_progress_bar_enabled(), tf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    df_logging.disable_progress_bar()
+    tf_logging.disable_progress_bar()  # and huggingface_hub's
+    try:
+        yield
+    finally:
+        if on[0]:
+            df_logging.enable_progress_bar()
+        if on[1]:
+            with warnings.catch_warnings():  # the hub's "cannot enable" under HF_HUB_DISABLE_PROGRESS_BARS=1
+                warnings.simplefilter("ignore")
+                tf_logging.enable_progress_bar()  # and huggingface_hub's
+        if not on[2]:
+            disable_progress_bars()
+
+
+def pipeline_module():
+    """diffusers' SD3 pipeline module (StableDiffusion3Pipeline, calculate_shift), imported without transformers'
+    notes. Its first import imports transformers' CLIPImageProcessor and SiglipImageProcessor (for diffusers'
+    IP-Adapter loader, which vgpo does not use); transformers ≥ 5 without torchvision falls back to their PIL
+    versions and logs "`CLIPImageProcessor` requires torchvision (not installed); falling back …" for each, a note
+    about a backend this project never uses. Only that logger (transformers' lazy-import machinery) is raised to
+    ERROR, and only while the module is imported: an import that fails still raises."""
+    lg = logging.getLogger("transformers.utils.import_utils")
+    level = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3
+    finally:
+        lg.setLevel(level)
+    return pipeline_stable_diffusion_3
 
 
 def _pretrained(cls, *args, **kwargs):
@@ -159,6 +207,10 @@ def load(args, device: str, prompts: list[str]) -> dict:
     multiple = scale * transformer.config.patch_size
     if args.resolution % multiple:
         raise ModelUnavailable(f"--resolution {args.resolution} must be a multiple of {multiple} for {args.model}")
+    tokens = transformer.config.pos_embed_max_size  # its position embeddings cover no more tokens per side
+    if tokens and args.resolution > tokens * multiple:
+        raise ModelUnavailable(f"--resolution {args.resolution} is larger than this model's transformer takes: at most "
+                               f"{tokens * multiple} px (pos_embed_max_size {tokens} tokens × {multiple} px)")
     add_lora(transformer, args.lora_rank, args.lora_alpha)
     if args.gradient_checkpointing:  # recompute each block's activations in backward: far less memory
         transformer.enable_gradient_checkpointing()
@@ -192,10 +244,8 @@ def sigma_kwargs(scheduler, image_tokens: int) -> dict:
     μ when the scheduler uses dynamic shifting (SD3.5's does not: a fixed shift of 3.0)."""
     if not scheduler.config.get("use_dynamic_shifting"):
         return {}
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-    c = scheduler.config
-    return {"mu": calculate_shift(image_tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)}
+    c, shift = scheduler.config, pipeline_module().calculate_shift
+    return {"mu": shift(image_tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,9 +298,9 @@ class AdapterOff(torch.nn.Module):
 def save_lora(transformer, folder: str) -> str:
     """Write `folder/pytorch_lora_weights.safetensors` in diffusers' format (with the LoRA config, so α is
     restored): `StableDiffusion3Pipeline.from_pretrained(model).load_lora_weights(folder)` loads it."""
-    from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
+    StableDiffusion3Pipeline = pipeline_module().StableDiffusion3Pipeline
     state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     config = transformer.peft_config["default"].to_dict()
     config["target_modules"] = sorted(config["target_modules"])  # a set is not JSON
@@ -285,9 +335,7 @@ def cached_prompt_encoder(source: str, prompts: list[str], max_sequence_length: 
     """Encode `prompts` and "" with the stock pipeline's encode_prompt (CLIP-L, CLIP-G, T5), then move
     the three text encoders to the CPU. A prompt not seen at load time is encoded there later (slow,
     but correct). The cache costs 2.7 MB per prompt on SD3.5 in bf16 (333 × 4096 numbers)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = _pretrained(StableDiffusion3Pipeline, source, transformer=None, vae=None, dtype=dtype)
+    pipe = _pretrained(pipeline_module().StableDiffusion3Pipeline, source, transformer=None, vae=None, dtype=dtype)
     on = device
 
     @torch.no_grad()
@@ -370,8 +418,7 @@ def save_tiny_random_pipeline(folder: str, seed: int = 0, layers: int = 2, heads
     CLIP text encoders and a T5 with tokenizers made here (character-level), an MMDiT-X transformer
     (block 0 has the second attention, as SD3.5-M's), a 2-level VAE (4 latent channels, 2 px per
     latent cell), and SD3.5's scheduler (shift 3.0). 64×32-px images are 256 image tokens."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
                               T5TokenizerFast)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -399,12 +446,13 @@ def save_tiny_random_pipeline(folder: str, seed: int = 0, layers: int = 2, heads
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=1.5, shift_factor=0.1,
                         use_quant_conv=False, use_post_quant_conv=False)
-    pipe = StableDiffusion3Pipeline(
+    pipe = pipeline_module().StableDiffusion3Pipeline(
         transformer=transformer.eval(), vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval(), tokenizer=clip_tok,
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval(), tokenizer_2=clip_tok,
         text_encoder_3=T5EncoderModel(t5).eval(), tokenizer_3=t5_tok)
-    pipe.save_pretrained(folder)
+    with _library_bars():
+        pipe.save_pretrained(folder)
     return folder
 
 

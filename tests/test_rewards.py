@@ -640,3 +640,15 @@ def test_geneval_prompt_sets_split_by_meaning():
     words = " ".join(p for p, m in train if m["tag"] == "position")
     assert all(w in words for w in (" left of ", " right of ", " above ", " below "))
     assert any(m["include"][0]["class"] > m["include"][1]["class"] for _, m in train if m["tag"] == "two_object")
+
+
+@pytest.mark.parametrize("size", ["128", "abc", "512 3"])
+def test_the_detector_benchmark_refuses_a_size_it_cannot_run_in_one_line(size, capsys):
+    """`python -m tools.bench detectors [SIZE]` (results/geneval-detectors.md): a SIZE that is not an integer, or
+    below 256 px, where Grounding DINO has fewer feature cells than its 900 queries and raised from torch.topk, is
+    one line on stderr and exit code 2, before any model is built."""
+    from tools import bench
+
+    assert bench.main(["detectors", *size.split()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "≥ 256" in err and "Traceback" not in err, err

@@ -3,6 +3,7 @@ SD3 pipeline is built from configs (tokenizers included), saved to a folder and 
 `--model PATH` code a user's SD3.5 folder goes through. Run: pytest -q"""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -122,6 +123,29 @@ def test_one_training_epoch_from_the_command_line(tiny_sd3, tmp_path):
     assert (after - before).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("random_weights", [True, False], ids=["random-weights", "folder-weights"])
+def test_a_run_prints_only_its_own_lines(tiny_sd3, tmp_path, random_weights):
+    """A one-epoch run prints nothing of the libraries', off a terminal: nothing on stderr (no transformers note,
+    no warning, no loading or saving progress bar) and no library line on stdout. Importing diffusers' SD3
+    pipeline imports transformers' CLIPImageProcessor and SiglipImageProcessor, which without torchvision log a
+    fallback note each; with --random-weights (as `--model sd3.5 --random-weights`) that import happens when the
+    LoRA is saved, after the last epoch, otherwise when the prompts are encoded."""
+    folder, prompts, _ = tiny_sd3
+    flags = dict(epochs=1, prompts_per_epoch=2, num_generations=2, train_batch_size=2, gradient_accumulation_steps=2,
+                 num_steps=3, eval_steps=2, eval_batch_size=4, resolution=32, max_sequence_length=16,
+                 reward="jpeg_compressibility")
+    cmd = [sys.executable, "vgpo.py", "--model", folder, "--prompts", prompts, "--output-dir", str(tmp_path / "run"),
+           *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]]
+    cmd += ["--random-weights"] if random_weights else []
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch   1/1" in proc.stdout and "pytorch_lora_weights.safetensors" in proc.stdout
+    assert proc.stderr == "", proc.stderr[-3000:]
+    noise = re.compile(r"torchvision|ImageProcessor|warn|deprecat|\[transformers\]|\[diffusers\]|it/s\]|Loading",
+                       re.IGNORECASE)
+    assert not [ln for ln in proc.stdout.splitlines() if noise.search(ln)], proc.stdout
+
+
 def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema(tiny_sd3, tmp_path, capsys):
     """On an SD3 folder with the EMA updated after every optimizer step: 1 epoch, then `--resume DIR --epochs 2`,
     gives bitwise the metrics and the saved LoRA (the EMA's) of 2 epochs straight; the checkpoint keeps the raw
@@ -230,14 +254,41 @@ def test_absent_weights_get_one_line_and_exit_code_2(model, needle, tmp_path, ca
 
 def test_sd3_benchmark_runs_end_to_end(tmp_path):
     """`python -m tools.bench --tiny-sd3` (the CPU stand-in for `--model sd3.5 --random-weights`) measures rollout
-    against the stock pipeline, the three epoch configurations and the FLOP rates, and writes its JSON."""
+    against the stock pipeline, the three epoch configurations and the FLOP rates, and writes its JSON; at its
+    default resolution (64 px: the tiny transformer takes at most 128), as the module docstring runs it."""
     from tools import bench
 
     out = tmp_path / "bench.json"
-    assert bench.main(["--tiny-sd3", "--resolution", "32", "--num-generations", "2", "--train-batch-size", "2",
+    assert bench.main(["--tiny-sd3", "--num-generations", "2", "--train-batch-size", "2",
                        "--num-steps", "3", "--max-sequence-length", "16", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
+    assert r["setting"]["resolution"] == bench.TINY_SD3_RESOLUTION == 64
     assert set(r["epochs"]) == {"vgpo (vae previews)", "vgpo (tiny previews)", "grpo"}
     assert r["rollout"]["images"] == 4 and r["rollout"]["rollout_img_s"] > 0 and r["rollout"]["stock_plain_img_s"] > 0
     assert r["flops"]["train_step_tflop"] > r["flops"]["forward_tflop"] > 0
     assert r["peak_epoch_gib"] is None if r["device"] == "cpu" else r["peak_epoch_gib"] > 0
+
+
+def test_sd3_benchmark_resolution_defaults_and_one_line_for_one_too_large(tmp_path, monkeypatch, capsys):
+    """The benchmark's --resolution defaults to 64 px with --tiny-sd3 and to 512 px with --model; a resolution
+    larger than the transformer's position embeddings cover (the tiny one: 32 tokens × 4 px = 128 px) stops with
+    one line on stderr and exit code 2, as vgpo.py does, not with diffusers' traceback."""
+    from tools import bench
+
+    seen = []
+
+    def record(a):
+        seen.append(a.resolution)
+        raise harness.UsageError("stop here")
+
+    monkeypatch.setattr(bench, "sd3_bench", record)
+    assert bench.main(["--tiny-sd3", "--out", str(tmp_path / "a.json")]) == 2
+    assert bench.main(["--model", "sd3.5", "--random-weights", "--out", str(tmp_path / "b.json")]) == 2
+    assert seen == [64, 512]
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert bench.main(["--tiny-sd3", "--resolution", "256", "--num-generations", "2", "--train-batch-size", "2",
+                       "--num-steps", "3", "--max-sequence-length", "16", "--out", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "at most 128 px" in err and "Traceback" not in err, err
+    assert not (tmp_path / "c.json").exists()

@@ -63,6 +63,9 @@ def toy_epoch_time(epochs: int = 6, seed: int = 0) -> dict:
     return table
 
 
+DETECTOR_MIN_SIZE = 256  # smaller images give Grounding DINO fewer feature cells than its 900 queries (128 px: 340)
+
+
 def detector_times(size: int = 512, rounds: int = 3) -> dict:
     """Forward time of each detector considered for reward.geneval on one size×size image, on the CPU at torch's
     thread count: the real architecture built from its config with random weights (no download), the models
@@ -169,8 +172,11 @@ def _bench_args(a, prompt_file, **extra):
 def stock_pipeline(model):
     """The stock StableDiffusion3Pipeline around the same transformer, VAE and scheduler settings (no text
     encoders: it is given the same cached prompt embeddings)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
+    import sd3
+
+    StableDiffusion3Pipeline = sd3.pipeline_module().StableDiffusion3Pipeline  # without transformers' import notes
     pipe = StableDiffusion3Pipeline(transformer=model.transformer, vae=model.parts["vae"],
                                     scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config),
                                     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -291,6 +297,9 @@ def _gib(x):
     return x / 2**30
 
 
+TINY_SD3_RESOLUTION = 64  # the tiny pipeline's default side: 32×32 latents (its transformer takes up to 128 px)
+
+
 def sd3_bench(a) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmp = a.tmp  # the prompt file (and the tiny pipeline); removed by main() afterwards
@@ -381,6 +390,11 @@ def main(argv=None):
         print(summarize(argv[1:]))
         return
     if argv[:1] == ["detectors"]:  # python -m tools.bench detectors [SIZE]
+        if len(argv) > 2 or (argv[1:] and not (argv[1].isdigit() and int(argv[1]) >= DETECTOR_MIN_SIZE)):
+            print(f"tools.bench: error: detectors takes one optional SIZE in px, an integer ≥ {DETECTOR_MIN_SIZE} "
+                  f"(Grounding DINO picks 900 queries among its feature cells), not {' '.join(argv[1:])!r}",
+                  file=sys.stderr)
+            return 2
         r = detector_times(*(int(a) for a in argv[1:2]))
         print(f"CPU forward of one {r['size']}-px image, {r['threads']} thread(s), "
               f"median of {r['rounds']} interleaved rounds")
@@ -393,7 +407,8 @@ def main(argv=None):
         p.add_argument("--model", default="", help="sd3.5, sd3.5-large, a hub id or a local diffusers folder")
         p.add_argument("--tiny-sd3", action="store_true", help="build a tiny random SD3 pipeline and bench it (CPU)")
         p.add_argument("--random-weights", action="store_true")
-        p.add_argument("--resolution", type=int, default=512)
+        p.add_argument("--resolution", type=int, default=None,
+                       help="image side in px (default 512; with --tiny-sd3 64: its transformer takes at most 128)")
         p.add_argument("--num-generations", type=int, default=8)
         p.add_argument("--prompts-per-epoch", type=int, default=2, help="P; N = P·G images per epoch")
         p.add_argument("--train-batch-size", type=int, default=8)
@@ -407,6 +422,8 @@ def main(argv=None):
         p.add_argument("--epochs", type=int, default=1, help="timed epochs per configuration (after one warm-up each)")
         p.add_argument("--out", default="bench-sd3.json")
         a = p.parse_args(argv)
+        if a.resolution is None:
+            a.resolution = TINY_SD3_RESOLUTION if a.tiny_sd3 else 512
         a.tmp = tempfile.mkdtemp(prefix="vgpo-bench-")
         try:
             r = sd3_bench(a)
