@@ -598,9 +598,9 @@ class RunFolder:
         print("┌" + "─" * (width + 2) + "┐\n" + "\n".join(f"│ {s:<{width}} │" for s in lines) + "\n└"
               + "─" * (width + 2) + "┘", flush=True)
 
-    def finish(self, model: Model, history: list[dict], ema: WeightEMA | None = None, trained: int = 0) -> None:
+    def finish(self, model: Model, history: list[dict], ema: WeightEMA | None = None, trained_steps: int = 0) -> None:
         """The trained weights, or their EMA when `ema` keeps one (SD3: only the LoRA, in lora/; tiny:
-        transformer.safetensors), curves.png (`trained`: steps 0…trained−1 are shaded as trained) and the held-out
+        transformer.safetensors), curves.png (steps 0…trained_steps−1 shaded as trained) and the held-out
         accuracy before and after."""
         if not self.writer:
             return
@@ -612,7 +612,7 @@ class RunFolder:
                   f"{path}", flush=True)
         else:
             print(f"trained weights: {path}", flush=True)
-        plot_curves(history, os.path.join(self.path, "curves.png"), trained)
+        plot_curves(history, os.path.join(self.path, "curves.png"), trained_steps)
         first, last = history[0], history[-1]
         if "eval/strict_accuracy" in first:
             print(f"held-out strict accuracy {first['eval/strict_accuracy']:.3f} → "
@@ -666,9 +666,9 @@ def save_grid(images, prompts, rows, path) -> None:
     grid.save(path)
 
 
-def plot_curves(history: list[dict], path: str, trained: int = 0) -> None:
+def plot_curves(history: list[dict], path: str, trained_steps: int = 0) -> None:
     """curves.png: reward and held-out accuracy by epoch; per-step credit and mean |Â| of the last epoch, the
-    trained steps 0…trained−1 shaded (only their advantages reach the update)."""
+    trained steps 0…trained_steps−1 shaded (only their advantages reach the update)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed: CI machines and remote GPUs have none
@@ -691,10 +691,10 @@ def plot_curves(history: list[dict], path: str, trained: int = 0) -> None:
         ax[1].legend()
         steps = len(last["advantage/mean_abs"])
         ax[2].bar(range(steps), last["advantage/mean_abs"],
-                  color=["tab:blue" if k < trained else "lightgrey" for k in range(steps)])
+                  color=["tab:blue" if k < trained_steps else "lightgrey" for k in range(steps)])
         for a in ax[1:]:
-            a.axvspan(-0.5, trained - 0.5, color="tab:blue", alpha=0.08, lw=0)
-        ax[2].set(xlabel=f"step k (shaded: trained, 0…{trained - 1}; grey bars reach no update)",
+            a.axvspan(-0.5, trained_steps - 0.5, color="tab:blue", alpha=0.08, lw=0)
+        ax[2].set(xlabel=f"step k (shaded: trained, 0…{trained_steps - 1}; grey bars reach no update)",
                   title="mean |advantage| by step")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

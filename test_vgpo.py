@@ -473,12 +473,14 @@ def test_uniform_group_metrics_by_hand():
     adv[[0, 5, 9], 1] = 0.3
     adv[[2, 3], 3] = 1.0  # step 3 is not trained
     row = vgpo.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, trained=3)
-    assert row["reward/frac_all_solved"] == pytest.approx(2 / 5) and row["reward/frac_all_failed"] == pytest.approx(2 / 5)
+    assert row["reward/frac_all_solved"] == pytest.approx(2 / 5)
+    assert row["reward/frac_all_failed"] == pytest.approx(2 / 5)
     assert row["reward/frac_zero_std"] == pytest.approx(3 / 5)  # exact equality: not the group 0.9 / 0.905
     assert row["advantage/frac_nonzero"] == pytest.approx(3 / 20)
     terminal[13] = 0.95  # std 0.0217 > 0.01: no longer uniform
     r[:, -1] = terminal
-    assert vgpo.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, 3)["reward/frac_all_solved"] == pytest.approx(1 / 5)
+    row = vgpo.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, trained=3)
+    assert row["reward/frac_all_solved"] == pytest.approx(1 / 5)
 
 
 def test_vgpo_reduces_to_grpo_without_anchor_weights_and_instant_rewards():

@@ -56,7 +56,8 @@ def rows_of(folder: str) -> list[dict]:
 
 def finished(folder: str, epochs: int) -> bool:
     rows = rows_of(folder)
-    return bool(rows) and rows[-1]["epoch"] == epochs and os.path.exists(os.path.join(folder, "transformer.safetensors"))
+    done = os.path.exists(os.path.join(folder, "transformer.safetensors"))
+    return done and bool(rows) and rows[-1]["epoch"] == epochs
 
 
 def score(folder: str) -> dict:
@@ -223,8 +224,8 @@ def summarise(opts) -> str:
         if rows and finished(base_folder(a), 80):
             c = curve(rows)
             cells = [f"{np.mean(c[k][:10]):.3f} → {np.mean(c[k][-10:]):.3f}" for k in KEYS]
-            lines.append(f"| {a} | {rows[0]['eval/strict_accuracy']:.3f} → {score(base_folder(a))['strict_accuracy']:.3f}"
-                         f" | " + " | ".join(cells) + " |")
+            final = score(base_folder(a))["strict_accuracy"]
+            lines.append(f"| {a} | {rows[0]['eval/strict_accuracy']:.3f} → {final:.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"## {opts.epochs} more epochs from the VGPO run's policy (held-out strict "
               f"{start['strict_accuracy']:.3f})" if start else "", "",
               "| arm | seeds | held-out strict at the end | change | all-solved | all-failed | nonzero Â | "
@@ -237,9 +238,10 @@ def summarise(opts) -> str:
         cells = []
         for k in KEYS:
             per_seed = np.array([np.mean(curve(r)[k]) for r in runs])
-            cells.append(f"{per_seed.mean():.3f} ± {per_seed.std(ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else 0:.3f}")
-        lines.append(f"| {arm} | {len(runs)} | {acc.mean():.3f} ± {se:.3f} | {acc.mean() - start['strict_accuracy']:+.3f} | "
-                     + " | ".join(cells) + " |")
+            spread = per_seed.std(ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else 0.0
+            cells.append(f"{per_seed.mean():.3f} ± {spread:.3f}")
+        change = acc.mean() - start["strict_accuracy"]
+        lines.append(f"| {arm} | {len(runs)} | {acc.mean():.3f} ± {se:.3f} | {change:+.3f} | {' | '.join(cells)} |")
     grads = {where: os.path.join(opts.results, f"collapse-gradients-{where.split()[0]}.json") for where in WHERE}
     grads = {where: json.load(open(path)) for where, path in grads.items() if os.path.exists(path)}
     if grads:
