@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import harness
 import reward
 import shapes
 import vgpo
@@ -407,7 +408,7 @@ def test_logged_advantage_summary_covers_the_trained_steps_only():
     """advantage/trained_mean_abs averages |Â| over steps 0…S−1: the steps the update uses."""
     adv = torch.tensor([[1.0, -3.0, 10.0, 100.0], [-1.0, 1.0, 10.0, 100.0]])
     r = torch.rand(2, 4)
-    row = vgpo.epoch_metrics(r, r, torch.ones(2, 4), adv, torch.zeros(2, dtype=torch.long), trained=2)
+    row = harness.epoch_metrics(r, r, torch.ones(2, 4), adv, torch.zeros(2, dtype=torch.long), trained=2)
     assert row["advantage/trained_mean_abs"] == 1.5 and row["advantage/mean_abs"] == [1.0, 2.0, 10.0, 100.0]
 
 
@@ -449,7 +450,7 @@ def test_reward_spread_metrics_by_hand():
     r = torch.zeros(12, 4)
     r[:, -1] = terminal
     r[:, 0] = torch.linspace(0, 1, 12)  # instant rewards of earlier steps do not count
-    row = vgpo.epoch_metrics(r, r, torch.ones(12, 4), torch.zeros(12, 4), group_ids, trained=3)
+    row = harness.epoch_metrics(r, r, torch.ones(12, 4), torch.zeros(12, 4), group_ids, trained=3)
     spread_2 = (4e-7 * 0.75**0.5 * 0.25**0.5)  # population std of {0.3, 0.3, 0.3 + d, 0.3} = d·√(3/16)
     assert row["reward/frac_zero_std"] == pytest.approx(2 / 3)
     assert row["reward/std"] == pytest.approx((0.0 + 0.5 + spread_2) / 3, abs=1e-7)
@@ -457,7 +458,7 @@ def test_reward_spread_metrics_by_hand():
     # one group of a trajectory apart (0.3 + 2e-6) is no longer uniform
     terminal[8] = 0.3 + 2e-6
     r[:, -1] = terminal
-    row = vgpo.epoch_metrics(r, r, torch.ones(12, 4), torch.zeros(12, 4), group_ids, trained=3)
+    row = harness.epoch_metrics(r, r, torch.ones(12, 4), torch.zeros(12, 4), group_ids, trained=3)
     assert row["reward/frac_zero_std"] == pytest.approx(1 / 3)
 
 
@@ -472,14 +473,14 @@ def test_uniform_group_metrics_by_hand():
     adv = torch.zeros(20, 4)
     adv[[0, 5, 9], 1] = 0.3
     adv[[2, 3], 3] = 1.0  # step 3 is not trained
-    row = vgpo.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, trained=3)
+    row = harness.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, trained=3)
     assert row["reward/frac_all_solved"] == pytest.approx(2 / 5)
     assert row["reward/frac_all_failed"] == pytest.approx(2 / 5)
     assert row["reward/frac_zero_std"] == pytest.approx(3 / 5)  # exact equality: not the group 0.9 / 0.905
     assert row["advantage/frac_nonzero"] == pytest.approx(3 / 20)
     terminal[13] = 0.95  # std 0.0217 > 0.01: no longer uniform
     r[:, -1] = terminal
-    row = vgpo.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, trained=3)
+    row = harness.epoch_metrics(r, r, torch.ones(20, 4), adv, group_ids, trained=3)
     assert row["reward/frac_all_solved"] == pytest.approx(1 / 5)
 
 

@@ -484,40 +484,10 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ep
     t3 = time.time()
     # --- learn: clipped policy gradient over the rollout (this process's rows of the batch) ---
     stats = update(model, traj, adv[groups.start * G : groups.stop * G], optimizer, args, shuffle, guard)
-    metrics = epoch_metrics(r, values, weights, adv, group_ids, S)
+    metrics = harness.epoch_metrics(r, values, weights, adv, group_ids, S)  # plumbing: the logged keys (README)
     return {**metrics, **stats, "guard/skipped_batches": guard.skipped,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
             "time/epoch_s": time.time() - t0}
-
-
-# A group is uniform when its terminal rewards' std is below this: exactly equal on a 0/1 reward, and a spread that
-# the group normalisation would blow up into noise on a continuous one
-UNIFORM_STD = 0.01
-
-
-def epoch_metrics(r, values, weights, adv, group_ids, trained: int) -> dict:
-    """The logged keys of one rollout (README: logged metrics); per-step vectors are lists over k = 0…T−1,
-    and `trained` = S, the number of trained steps 0…S−1 (the others' advantages are never used)."""
-    terminal = r[:, -1]  # (N,)
-    # frac_zero_std is the collapse meter: the share of groups where GRPO's advantage is exactly 0; the uniform
-    # groups split into high (all solved, on a 0/1 reward) and low (all failed), which VGPO's anchor treats apart
-    groups = [terminal[group_ids == g] for g in group_ids.unique()]
-    uniform = [g.std(unbiased=False).item() < UNIFORM_STD for g in groups]
-    high = [g.mean().item() >= 0.5 for g in groups]
-    return {
-        "reward/mean": terminal.mean().item(),
-        "reward/std": float(np.mean([g.std(unbiased=False).item() for g in groups])),  # within-group spread
-        "reward/frac_zero_std": float(np.mean([(g.max() - g.min()).item() < 1e-6 for g in groups])),
-        "reward/frac_all_solved": float(np.mean([u and h for u, h in zip(uniform, high)])),
-        "reward/frac_all_failed": float(np.mean([u and not h for u, h in zip(uniform, high)])),
-        # the share of trajectories that the update pushes at all: 0 in GRPO's uniform groups
-        "advantage/frac_nonzero": (adv[:, :trained].abs() > 1e-6).any(dim=1).float().mean().item(),
-        "credit/instant_reward": r.mean(0).tolist(),
-        "credit/value": values.mean(0).tolist(),
-        "credit/weight": weights.mean(0).tolist(),
-        "advantage/mean_abs": adv.abs().mean(0).tolist(),
-        "advantage/trained_mean_abs": adv[:, :trained].abs().mean().item(),  # the signal the update sees
-    }
 
 
 # Every evaluation starts from this seed's noise, whatever --seed is: a change between two is the model's

@@ -116,7 +116,7 @@ def group_kinds(terminal: torch.Tensor, group_ids: torch.Tensor) -> dict[str, to
     kind["all-solved"], kind["all-failed"] = kind["mixed"].clone(), kind["mixed"].clone()
     for g in group_ids.unique():
         m = group_ids == g
-        uniform = terminal[m].std(unbiased=False) < vgpo.UNIFORM_STD
+        uniform = terminal[m].std(unbiased=False) < harness.UNIFORM_STD
         kind["mixed" if not uniform else "all-solved" if terminal[m].mean() >= 0.5 else "all-failed"] |= m
     return kind
 
@@ -214,7 +214,7 @@ def summarise(opts) -> str:
                                for arm, runs in arms.items() if runs}}
     os.makedirs(opts.results, exist_ok=True)
     lines = ["# Advantage collapse on the toy world (written by `python -m tools.collapse summarise`)", "",
-             "Uniform groups: std of the terminal strict reward below vgpo.UNIFORM_STD, all-solved (mean ≥ 0.5) or "
+             "Uniform groups: std of the terminal strict reward below harness.UNIFORM_STD, all-solved (mean ≥ 0.5) or "
              "all-failed; 'nonzero Â': share of trajectories with a nonzero advantage on a trained step. Means over "
              "epochs; ± the standard error over seeds.", "",
              "## The default runs (seed 0), epochs 1–10 → 71–80", "",
