@@ -311,6 +311,37 @@ def _objects_and_stray(img: np.ndarray) -> tuple[list[dict], int]:
     return objects, int((img > 0.5).any(0).sum()) - sum(o["area"] for o in objects)
 
 
+def fidelity(img: np.ndarray, objects: list[dict]) -> float:
+    """How close a (3, H, W) image is to the ideal render of the objects detected in it (detect): 1 − the mean
+    absolute pixel difference over their cells, in [0, 1]. 1 means every object is exactly its shape's mask in its
+    colour, centred in its cell, with nothing else lit there; a generated image's soft edges and faint specks
+    cost a little. An object without a recognised shape, or no object at all, scores 0."""
+    if not objects or any(o["shape"] is None for o in objects):
+        return 0.0
+    ideal, cells = np.zeros_like(img), np.zeros(img.shape[1:], bool)
+    offset = (CELL - OBJECT_SIZE) // 2
+    for o in objects:
+        cx, cy = int(o["x"] // CELL), int(o["y"] // CELL)
+        x0, y0 = cx * CELL + offset, cy * CELL + offset
+        mask = shape_mask(o["shape"], OBJECT_SIZE)
+        for ch, val in enumerate(COLORS[o["color"]]):
+            ideal[ch, y0 : y0 + OBJECT_SIZE, x0 : x0 + OBJECT_SIZE][mask] = val
+        cells[cy * CELL : (cy + 1) * CELL, cx * CELL : (cx + 1) * CELL] = True
+    return float(1 - np.abs(img - ideal)[:, cells].mean())
+
+
+def soft_scores(images, metas: list[dict]) -> np.ndarray:
+    """strict × fidelity for each of N images: 0 unless the prompt is satisfied, then how cleanly it is drawn.
+    A continuous reward, as PickScore is: the samples of a prompt the model has mastered differ by little, but
+    never by exactly nothing."""
+    images = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+    out = np.zeros(len(metas), np.float32)
+    for i, (img, meta) in enumerate(zip(images, metas)):
+        objects, stray = _objects_and_stray(img)
+        out[i] = fidelity(img, objects) if all(requirements(objects, meta, stray)) else 0.0
+    return out
+
+
 def verify(images, metas: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """Partial credit in [0, 1] and strict 0/1 score for each of N images (N, 3, H, W) in [0, 1]."""
     images = images.detach().float().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)

@@ -322,6 +322,29 @@ def test_shapes_reward_is_half_partial_credit_half_strict_by_hand():
     assert m["partial_credit"] == pytest.approx(partial.mean().item())
 
 
+def test_shapes_soft_is_strict_times_how_cleanly_the_scene_is_drawn():
+    """`shapes_soft`: a render scores exactly 1; the same render with soft edges (a faint halo of 0.1 around its
+    objects, below the verifier's 0.5 threshold) still passes and scores 1 − the halo's mean over the objects'
+    cells, by hand; a scene that fails the prompt scores 0 however clean; its metrics keep the strict accuracy."""
+    import shapes
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    img = shapes.render(shapes.parse_prompt("a red circle"), rng)
+    lit = img.max(0) > 0.5
+    halo = ndimage.binary_dilation(lit) & ~lit  # the ring of pixels around the object, inside its cell
+    soft = img.copy()
+    soft[:, halo] = 0.1
+    wrong = shapes.render(shapes.parse_prompt("a blue square"), rng)
+    fn = reward.REWARDS["shapes_soft"]("cpu")
+    got = fn(torch.from_numpy(np.stack([img, soft, wrong])), ["a red circle"] * 3, [{}] * 3)
+    want_soft = 1 - 3 * 0.1 * halo.sum() / (3 * 8 * 8)  # |0.1 − 0| on 3 channels of the halo, over one cell
+    torch.testing.assert_close(got, torch.tensor([1.0, float(want_soft), 0.0]))
+    assert 0.9 < want_soft < 1
+    m = fn.metrics(torch.from_numpy(np.stack([img, soft, wrong])), ["a red circle"] * 3, [{}] * 3)
+    assert m["strict_accuracy"] == pytest.approx(2 / 3) and m["score"] == pytest.approx(got.mean().item())
+
+
 # ---------------------------------------------------------------------------------------------------
 # GenEval: the rules on hand-built detections, the whole reward on random-weight models, the prompt sets
 # ---------------------------------------------------------------------------------------------------

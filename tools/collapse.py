@@ -2,15 +2,16 @@
 
     python -m tools.collapse base                  # the default VGPO and GRPO runs, seed 0 (epochs 1-80)
     python -m tools.collapse run --seeds 3         # from base's VGPO policy, 40 more epochs of each arm
+    python -m tools.collapse run --reward shapes_soft   # the same on a continuous reward
     python -m tools.collapse run --shard 0/2 &  python -m tools.collapse run --shard 1/2   # the same on 2 cores
     python -m tools.collapse gradients             # where the update's expected signal comes from, by part
     python -m tools.collapse summarise             # results/collapse.md, collapse.png and collapse.json
 
 The arms (`ARMS`) are tools.experiments' four: GRPO, VGPO, temporal-only (--anchor-coef 0) and anchor-only
 (--no-temporal-values); each differs from the toy preset in that one setting. Every continuation starts from the
-same policy (base's VGPO run, `--init-from`) with a fresh optimizer, on the strict 0/1 reward. Finished runs are
-skipped, so the commands can be repeated; the final policies are scored on the held-out prompts under three
-evaluation-noise seeds (shapes.EVAL_SEEDS). Runs go to runs/collapse/ (not committed).
+same policy (base's VGPO run, `--init-from`) with a fresh optimizer, on the strict 0/1 reward or on `shapes_soft`.
+Finished runs are skipped, so the commands can be repeated; the final policies are scored on the held-out prompts
+under three evaluation-noise seeds (shapes.EVAL_SEEDS). Runs go to runs/collapse/ (not committed).
 
 The gradient decomposition splits one rollout's policy gradient into pieces by linearity (the update's gradient
 is linear in Â at ratio 1): VGPO's Â into its relative part (Â with κ = 0) and the rest (the absolute term's),
@@ -45,8 +46,13 @@ def base_folder(algo: str) -> str:
     return os.path.join(ROOT, f"{algo}-s0")
 
 
-def arm_folder(arm: str, seed: int) -> str:
-    return os.path.join(ROOT, "from-vgpo-s0", f"{arm}-s{seed}")
+# the continuations' rewards: the strict 0/1 score, and shapes_soft (strict × how cleanly the scene is drawn), a
+# continuous reward whose spread in a mastered group shrinks without vanishing, as PickScore's does
+REGIMES = {"shapes_strict": "from-vgpo-s0", "shapes_soft": "from-vgpo-s0-soft"}
+
+
+def arm_folder(arm: str, seed: int, reward: str = "shapes_strict") -> str:
+    return os.path.join(ROOT, REGIMES[reward], f"{arm}-s{seed}")
 
 
 def rows_of(folder: str) -> list[dict]:
@@ -65,8 +71,10 @@ def score(folder: str) -> dict:
     eval_seeds.json ('start': the policy the continuations start from)."""
     path = os.path.join(folder, "eval_seeds.json")
     if not os.path.exists(path):
-        runs = [shapes.held_out_accuracy(policy=os.path.join(folder, "transformer.safetensors"), seed=s)
-                for s in shapes.EVAL_SEEDS]
+        last = rows_of(folder)[-1]  # its final evaluation is the first seed's (vgpo.EVAL_SEED, tested equal)
+        first = {k[5:]: v for k, v in last.items() if k.startswith("eval/strict")}
+        runs = [first] + [shapes.held_out_accuracy(policy=os.path.join(folder, "transformer.safetensors"), seed=s)
+                          for s in shapes.EVAL_SEEDS[1:]]
         out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]} | {
             "per_seed": [r["strict_accuracy"] for r in runs]}
         with open(path, "w") as f:
@@ -91,8 +99,9 @@ def plan(opts) -> list[vgpo.Args]:
     """Every run of `opts.command` (base or run), in order: seed-major, so that a plan cut short is balanced."""
     if opts.command == "base":
         return [vgpo.make_args(model="tiny", algo=a, seed=0, output_dir=base_folder(a)) for a in ("vgpo", "grpo")]
-    return [vgpo.make_args(model="tiny", seed=s, init_from=base_folder("vgpo"), epochs=opts.epochs, eval_every=10,
-                           save_every=0, output_dir=arm_folder(arm, s), **o)
+    return [vgpo.make_args(model="tiny", seed=s, init_from=base_folder("vgpo"), epochs=opts.epochs,
+                           eval_every=opts.eval_every,
+                           save_every=0, reward=opts.reward, output_dir=arm_folder(arm, s, opts.reward), **o)
             for s in range(opts.seeds) for arm, o in ARMS.items()]
 
 
@@ -204,17 +213,20 @@ def curve(rows: list[dict], offset: int = 0) -> dict:
 
 def summarise(opts) -> str:
     base = {a: rows_of(base_folder(a)) for a in ("vgpo", "grpo")}
-    arms = {arm: [rows_of(arm_folder(arm, s)) for s in range(opts.seeds) if finished(arm_folder(arm, s), opts.epochs)]
-            for arm in ARMS}
     start = score(base_folder("vgpo")) if finished(base_folder("vgpo"), 80) else None
-    data = {"base": {a: curve(r) for a, r in base.items() if r},
-            "continued": {arm: [curve(r, offset=80) for r in runs] for arm, runs in arms.items() if runs},
-            "start_accuracy": start and start["strict_accuracy"],
-            "final_accuracy": {arm: [score(arm_folder(arm, s))["strict_accuracy"] for s in range(len(runs))]
-                               for arm, runs in arms.items() if runs}}
+    data = {"base": {a: curve(r) for a, r in base.items() if r}, "start_accuracy": start and start["strict_accuracy"],
+            "continued": {}, "final_accuracy": {}}
+    arms = {}
+    for reward in REGIMES:
+        seeds = [s for s in range(opts.seeds) if all(finished(arm_folder(a, s, reward), opts.epochs) for a in ARMS)]
+        if seeds:  # only seeds whose four arms all finished: the arms stay comparable
+            arms[reward] = {arm: [rows_of(arm_folder(arm, s, reward)) for s in seeds] for arm in ARMS}
+            data["continued"][reward] = {arm: [curve(r, offset=80) for r in runs] for arm, runs in arms[reward].items()}
+            data["final_accuracy"][reward] = {arm: [score(arm_folder(arm, s, reward))["strict_accuracy"] for s in seeds]
+                                              for arm in ARMS}
     os.makedirs(opts.results, exist_ok=True)
     lines = ["# Advantage collapse on the toy world (written by `python -m tools.collapse summarise`)", "",
-             "Uniform groups: std of the terminal strict reward below harness.UNIFORM_STD, all-solved (mean ≥ 0.5) or "
+             "Uniform groups: std of the terminal reward below harness.UNIFORM_STD, all-solved (mean ≥ 0.5) or "
              "all-failed; 'nonzero Â': share of trajectories with a nonzero advantage on a trained step. Means over "
              "epochs; ± the standard error over seeds.", "",
              "## The default runs (seed 0), epochs 1–10 → 71–80", "",
@@ -226,22 +238,22 @@ def summarise(opts) -> str:
             cells = [f"{np.mean(c[k][:10]):.3f} → {np.mean(c[k][-10:]):.3f}" for k in KEYS]
             final = score(base_folder(a))["strict_accuracy"]
             lines.append(f"| {a} | {rows[0]['eval/strict_accuracy']:.3f} → {final:.3f} | " + " | ".join(cells) + " |")
-    lines += ["", f"## {opts.epochs} more epochs from the VGPO run's policy (held-out strict "
-              f"{start['strict_accuracy']:.3f})" if start else "", "",
-              "| arm | seeds | held-out strict at the end | change | all-solved | all-failed | nonzero Â | "
-              "train reward |", "|---|---|---|---|---|---|---|---|"]
-    for arm, runs in arms.items():
-        if not runs:
-            continue
-        acc = np.array(data["final_accuracy"][arm])
-        se = acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else 0.0
-        cells = []
-        for k in KEYS:
-            per_seed = np.array([np.mean(curve(r)[k]) for r in runs])
-            spread = per_seed.std(ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else 0.0
-            cells.append(f"{per_seed.mean():.3f} ± {spread:.3f}")
-        change = acc.mean() - start["strict_accuracy"]
-        lines.append(f"| {arm} | {len(runs)} | {acc.mean():.3f} ± {se:.3f} | {change:+.3f} | {' | '.join(cells)} |")
+    for reward, by_arm in arms.items():
+        lines += ["", f"## {opts.epochs} more epochs on `{reward}` from the VGPO run's policy (held-out strict "
+                  f"{start['strict_accuracy']:.3f}); means over the epochs", "",
+                  "| arm | seeds | held-out strict at the end | change | all-solved | all-failed | nonzero Â | "
+                  "train reward |", "|---|---|---|---|---|---|---|---|"]
+        for arm, runs in by_arm.items():
+            acc = np.array(data["final_accuracy"][reward][arm])
+            se = acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else 0.0
+            cells = []
+            for k in KEYS:
+                per_seed = np.array([np.mean(curve(r)[k]) for r in runs])
+                spread = per_seed.std(ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else 0.0
+                cells.append(f"{per_seed.mean():.3f} ± {spread:.3f}")
+            change = acc.mean() - start["strict_accuracy"]
+            cells = [f"{acc.mean():.3f} ± {se:.3f}", f"{change:+.3f}", *cells]
+            lines.append(f"| {arm} | {len(runs)} | {' | '.join(cells)} |")
     grads = {where: os.path.join(opts.results, f"collapse-gradients-{where.split()[0]}.json") for where in WHERE}
     grads = {where: json.load(open(path)) for where, path in grads.items() if os.path.exists(path)}
     if grads:
@@ -264,18 +276,20 @@ def plot(data: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
+    regimes = list(data["continued"]) or ["shapes_strict"]
+    fig, axes = plt.subplots(len(regimes), 4, figsize=(17, 3.6 * len(regimes)), squeeze=False)
     titles = ["all-solved groups", "all-failed groups", "trajectories with Â ≠ 0", "training reward"]
     smooth = lambda v: np.convolve(v, np.ones(5) / 5, mode="valid")  # noqa: E731 (5-epoch running mean)
-    for a, key, title in zip(ax, KEYS, titles):
-        for algo, c in data["base"].items():
-            a.plot(smooth(c["epoch"]), smooth(c[key]), color=COLORS[algo], lw=1, alpha=0.6)
-        for arm, curves in data["continued"].items():
-            m = np.mean([c[key] for c in curves], axis=0)
-            a.plot(smooth(curves[0]["epoch"]), smooth(m), color=COLORS[arm], label=f"{arm} (n={len(curves)})")
-        a.axvline(80.5, color="grey", ls=":")
-        a.set(xlabel="epoch (1–80: default runs; then from VGPO's policy)", title=title)
-    ax[0].legend(fontsize=8)
+    for ax, reward in zip(axes, regimes):
+        for a, key, title in zip(ax, KEYS, titles):
+            for algo, c in data["base"].items():
+                a.plot(smooth(c["epoch"]), smooth(c[key]), color=COLORS[algo], lw=1, alpha=0.6)
+            for arm, curves in data["continued"].get(reward, {}).items():
+                m = np.mean([c[key] for c in curves], axis=0)
+                a.plot(smooth(curves[0]["epoch"]), smooth(m), color=COLORS[arm], label=f"{arm} (n={len(curves)})")
+            a.axvline(80.5, color="grey", ls=":")
+            a.set(xlabel=f"epoch (1–80: default runs; then {reward} from VGPO's policy)", title=title)
+        ax[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)
@@ -285,7 +299,9 @@ def main(argv=None) -> int:
     p = harness.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["base", "run", "gradients", "summarise"])
     p.add_argument("--seeds", type=int, default=3, help="seeds of each continued arm (default 3)")
+    p.add_argument("--reward", default="shapes_strict", choices=list(REGIMES), help="run: the continuations' reward")
     p.add_argument("--epochs", type=int, default=40, help="epochs of each continued arm (default 40)")
+    p.add_argument("--eval-every", type=int, default=10, help="run: evaluate every this many epochs (default 10)")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th planned run from the K-th (parallel processes)")
     p.add_argument("--batches", type=int, default=16, help="gradients: measured rollouts per policy (default 16)")
     p.add_argument("--ref-batches", type=int, default=32, help="gradients: rollouts of the reference (default 32)")
