@@ -189,8 +189,8 @@ def decomposition_table(results: dict) -> list[str]:
     lines = []
     for where, res in results.items():
         sh = res["shares"]
-        lines += [f"**{where}** (training reward {res['reward']:.2f}; trajectories in mixed / all-solved / all-failed "
-                  f"groups: {sh['mixed']:.2f} / {sh['all-solved']:.2f} / {sh['all-failed']:.2f}; "
+        lines += [f"**{where}** (the last rollout's reward {res['reward']:.2f}; trajectories in mixed / all-solved / "
+                  f"all-failed groups: {sh['mixed']:.2f} / {sh['all-solved']:.2f} / {sh['all-failed']:.2f}; "
                   f"{res['batches']} rollouts against a reference of {res['ref_batches']})", "",
                   "| piece | cos with E[∇] | share of the signal | share of the norm |", "|---|---|---|---|"]
         for name, d in res["pieces"].items():
@@ -288,7 +288,7 @@ def plot(data: dict, path: str) -> None:
                 m = np.mean([c[key] for c in curves], axis=0)
                 a.plot(smooth(curves[0]["epoch"]), smooth(m), color=COLORS[arm], label=f"{arm} (n={len(curves)})")
             a.axvline(80.5, color="grey", ls=":")
-            a.set(xlabel=f"epoch (1–80: default runs; then {reward} from VGPO's policy)", title=title)
+            a.set(xlabel="epoch (from 81: continued from VGPO's policy)", title=f"{title}, then {reward}")
         ax[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=70)
