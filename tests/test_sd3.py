@@ -92,6 +92,12 @@ def test_exported_lora_in_the_stock_pipeline_equals_the_policy_and_adapter_off_i
     assert (stock_lora - base).abs().max() > 1e-2
     torch.testing.assert_close(stock_lora, ours, atol=1e-5, rtol=0)
     torch.testing.assert_close(reference, base, atol=1e-6, rtol=0)
+    # --init-from a run folder holding that LoRA: a fresh model gets the same adapter, the same output
+    fresh, _ = _load(tiny_sd3, beta=0.004)
+    harness.init_from(fresh, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.transformer(x, **call)[0], ours, atol=1e-6, rtol=0)
+        torch.testing.assert_close(fresh.reference(x, **call)[0], base, atol=1e-6, rtol=0)
 
 
 def test_one_training_epoch_from_the_command_line(tiny_sd3, tmp_path):
