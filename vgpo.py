@@ -328,7 +328,8 @@ def vgpo_advantages(values, group_ids, gamma, anchor_coef, anchor_steps, adv_cli
     reward (default all: Q̄_k = Q_k·(1 − γ)/(1 − γ^{T−k}); terminal reward only: Q̄_k = R)."""
     # The relative term is GRPO's, per step: which trajectories of this prompt did better at step k. It vanishes
     # when the group agrees (all solved or all failed), where GRPO stops learning. The absolute term rewards a step
-    # for the value it reached, so a uniformly good group is still pushed; it is on in the early steps only.
+    # for the value it reached, so a uniformly good group is still pushed (though a push that is the same for the
+    # whole group has no expected gradient: README, Results); it is on in the early steps only.
     T = values.shape[1]
     relative = _group_normalize(values, group_ids, scale_rewards)  # (N, T): 0 for a uniform group; reading 5
     # reading 4: Q_k's size depends on k; dividing by the discounts of the rewards that exist makes it a weighted
