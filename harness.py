@@ -493,6 +493,14 @@ def sample_prompts(train: list, count: int, rng: np.random.Generator) -> list[tu
 UNIFORM_STD = 0.01
 
 
+def group_kind(rewards: torch.Tensor) -> str:
+    """'mixed', 'all-solved' or 'all-failed' for one group's terminal rewards: uniform when their std is below
+    UNIFORM_STD, solved when their mean is ≥ 0.5 (all 1 / all 0 on a 0/1 reward)."""
+    if rewards.std(unbiased=False).item() >= UNIFORM_STD:
+        return "mixed"
+    return "all-solved" if rewards.mean().item() >= 0.5 else "all-failed"
+
+
 def epoch_metrics(r, values, weights, adv, group_ids, trained: int) -> dict:
     """The logged keys of one rollout of vgpo.train_epoch (README: logged metrics) from its instant rewards r,
     values, weights and advantages (N, T); per-step vectors are lists over k = 0…T−1, and `trained` = S, the
@@ -501,14 +509,13 @@ def epoch_metrics(r, values, weights, adv, group_ids, trained: int) -> dict:
     # frac_zero_std is the collapse meter: the share of groups where GRPO's advantage is exactly 0; the uniform
     # groups split into high (all solved, on a 0/1 reward) and low (all failed), which VGPO's anchor treats apart
     groups = [terminal[group_ids == g] for g in group_ids.unique()]
-    uniform = [g.std(unbiased=False).item() < UNIFORM_STD for g in groups]
-    high = [g.mean().item() >= 0.5 for g in groups]
+    kinds = [group_kind(g) for g in groups]
     return {
         "reward/mean": terminal.mean().item(),
         "reward/std": float(np.mean([g.std(unbiased=False).item() for g in groups])),  # within-group spread
         "reward/frac_zero_std": float(np.mean([(g.max() - g.min()).item() < 1e-6 for g in groups])),
-        "reward/frac_all_solved": float(np.mean([u and h for u, h in zip(uniform, high)])),
-        "reward/frac_all_failed": float(np.mean([u and not h for u, h in zip(uniform, high)])),
+        "reward/frac_all_solved": float(np.mean([k == "all-solved" for k in kinds])),
+        "reward/frac_all_failed": float(np.mean([k == "all-failed" for k in kinds])),
         # the share of trajectories that the update pushes at all: 0 in GRPO's uniform groups
         "advantage/frac_nonzero": (adv[:, :trained].abs() > 1e-6).any(dim=1).float().mean().item(),
         "credit/instant_reward": r.mean(0).tolist(),

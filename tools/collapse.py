@@ -120,13 +120,11 @@ def gradient(model, traj, adv, args) -> torch.Tensor:
 
 
 def group_kinds(terminal: torch.Tensor, group_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Trajectory masks (N,) of the mixed, all-solved and all-failed groups (uniform: std < UNIFORM_STD)."""
-    kind = {"mixed": torch.zeros_like(terminal, dtype=torch.bool)}
-    kind["all-solved"], kind["all-failed"] = kind["mixed"].clone(), kind["mixed"].clone()
+    """Trajectory masks (N,) of the mixed, all-solved and all-failed groups (harness.group_kind)."""
+    kind = {k: torch.zeros_like(terminal, dtype=torch.bool) for k in ("mixed", "all-solved", "all-failed")}
     for g in group_ids.unique():
         m = group_ids == g
-        uniform = terminal[m].std(unbiased=False) < harness.UNIFORM_STD
-        kind["mixed" if not uniform else "all-solved" if terminal[m].mean() >= 0.5 else "all-failed"] |= m
+        kind[harness.group_kind(terminal[m])] |= m
     return kind
 
 
