@@ -302,8 +302,9 @@ def save_policy(model: Model, folder: str) -> str:
     # the fine-tuned policy, loadable with shapes.load_pretrained-style code or any safetensors reader
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
-    save_file(state, os.path.join(folder, "transformer.safetensors"))
-    return os.path.join(folder, "transformer.safetensors")
+    path = policy_file(folder, tiny=True)
+    save_file(state, path)
+    return path
 
 
 class WeightEMA:

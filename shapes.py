@@ -197,6 +197,13 @@ def _relation_holds(a, b, relation, margin):
     return d_main > margin and abs(d_main) > abs(d_other)
 
 
+def _paint(img: np.ndarray, shape: str, color: str, x0: int, y0: int, s: int) -> None:
+    """Draw one object into a (3, H, W) image: its shape's s × s mask at (x0, y0) in its colour."""
+    mask = shape_mask(shape, s)
+    for ch, val in enumerate(COLORS[color]):
+        img[ch, y0 : y0 + s, x0 : x0 + s][mask] = val
+
+
 def render(meta: dict, rng: np.random.Generator) -> np.ndarray:
     """A random scene satisfying `meta`: (3, 32, 32) float32 in [0, 1], black background."""
     for _ in range(1000):  # rejection sampling of a layout; a valid one is found in a few tries
@@ -221,9 +228,7 @@ def render(meta: dict, rng: np.random.Generator) -> np.ndarray:
                 continue
         img = np.zeros((3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
         for (shape, color, s), (x0, y0, _) in zip(objs, boxes):
-            m = shape_mask(shape, s)
-            for ch, val in enumerate(COLORS[color]):
-                img[ch, y0 : y0 + s, x0 : x0 + s][m] = val
+            _paint(img, shape, color, x0, y0, s)
         return img
     raise RuntimeError(f"could not lay out {meta}")
 
@@ -322,10 +327,7 @@ def fidelity(img: np.ndarray, objects: list[dict]) -> float:
     offset = (CELL - OBJECT_SIZE) // 2
     for o in objects:
         cx, cy = int(o["x"] // CELL), int(o["y"] // CELL)
-        x0, y0 = cx * CELL + offset, cy * CELL + offset
-        mask = shape_mask(o["shape"], OBJECT_SIZE)
-        for ch, val in enumerate(COLORS[o["color"]]):
-            ideal[ch, y0 : y0 + OBJECT_SIZE, x0 : x0 + OBJECT_SIZE][mask] = val
+        _paint(ideal, o["shape"], o["color"], cx * CELL + offset, cy * CELL + offset, OBJECT_SIZE)
         cells[cy * CELL : (cy + 1) * CELL, cx * CELL : (cx + 1) * CELL] = True
     return float(1 - np.abs(img - ideal)[:, cells].mean())
 

@@ -62,7 +62,7 @@ def rows_of(folder: str) -> list[dict]:
 
 def finished(folder: str, epochs: int) -> bool:
     rows = rows_of(folder)
-    done = os.path.exists(os.path.join(folder, "transformer.safetensors"))
+    done = os.path.exists(harness.policy_file(folder, tiny=True))
     return done and bool(rows) and rows[-1]["epoch"] == epochs
 
 
@@ -73,7 +73,7 @@ def score(folder: str) -> dict:
     if not os.path.exists(path):
         last = rows_of(folder)[-1]  # its final evaluation is the first seed's (vgpo.EVAL_SEED, tested equal)
         first = {k[5:]: v for k, v in last.items() if k.startswith("eval/strict")}
-        runs = [first] + [shapes.held_out_accuracy(policy=os.path.join(folder, "transformer.safetensors"), seed=s)
+        runs = [first] + [shapes.held_out_accuracy(policy=harness.policy_file(folder, tiny=True), seed=s)
                           for s in shapes.EVAL_SEEDS[1:]]
         out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]} | {
             "per_seed": [r["strict_accuracy"] for r in runs]}
