@@ -136,25 +136,47 @@ SMALL = ["--set", "prompts_per_epoch=2", "--set", "num_generations=4", "--set", 
          "--set", "eval_batch_size=16"]
 
 
-def test_experiments_run_summarise_and_skip_finished_runs(tmp_path, capsys):
-    """tools/experiments.py runs a group's plan, writes the table and plots from the run folders, and skips finished
-    runs."""
+def test_experiments_run_in_shards_score_summarise_and_skip_finished_runs(tmp_path, capsys):
+    """tools/experiments.py: two shards run the plan between them (each run once), every final policy is scored
+    under the three evaluation-noise seeds (the first is the run's own last evaluation, the others new ones), the
+    table quotes those scores, and finished runs are skipped."""
     from tools import experiments
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\ntwo blue squares\na circle left of a square\n")
-    argv = ["--only", "depletion", "--epochs", "2", "--eval-every", "1", "--seeds", "1", "--set", f"prompts={prompts}",
-            *SMALL, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
-    assert experiments.main(["run", *argv]) == 0
-    assert "2 runs planned, 0 already finished, 2 to run" in capsys.readouterr().out
+    argv = ["--only", "main", "--epochs", "2", "--eval-every", "1", "--seeds", "1", "--set", f"prompts={prompts}",
+            *SMALL, "--set", "eval_steps=20",  # images the verifier can pass, so noise seeds differ
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    assert experiments.main(["run", *argv, "--shard", "0/2"]) == 0
+    assert "2 runs planned for this shard, 0 already finished, 2 to run" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "runs")) == ["grpo-e2-s0", "vgpo-anchor_coef=0.0-e2-s0"]  # its half
+    assert experiments.main(["run", *argv, "--shard", "1/2"]) == 0
+    assert "2 runs planned for this shard, 0 already finished, 2 to run" in capsys.readouterr().out
+    folder = tmp_path / "runs" / "grpo-e2-s0"
+    rows = [json.loads(ln) for ln in (folder / "metrics.jsonl").open()]
+    scored = json.loads((folder / "eval_seeds.json").read_text())
+    assert scored["per_seed"][0] == rows[-1]["eval/strict_accuracy"] and len(scored["per_seed"]) == 3
+    assert len(set(scored["per_seed"])) > 1, scored  # three different noise draws
+    assert scored["strict_accuracy"] == pytest.approx(sum(scored["per_seed"]) / 3)
+    import harness
+    import shapes
+    import vgpo
+
+    args = vgpo.Args(**{k: v for k, v in json.loads((folder / "args.json").read_text()).items()
+                        if k in vgpo.Args.__dataclass_fields__})
+    model = vgpo.load_model(args)
+    harness.init_from(model, str(folder))
+    again = vgpo.evaluate(model, args, seed=shapes.EVAL_SEEDS[2])["eval/strict_accuracy"]
+    assert scored["per_seed"][2] == pytest.approx(again)  # the third seed's evaluation of the saved policy
+    assert experiments.main(["summarise", *argv]) == 0
+    capsys.readouterr()
     table = (tmp_path / "results" / "experiments.md").read_text()
-    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "grpo-reward=shapes_strict-e2-s0" / "metrics.jsonl").open()]
-    accs = [f"{r['eval/strict_accuracy']:.3f}" for r in rows]
-    assert f"| grpo-strict | 1 | {' | '.join(accs)} |" in table
-    assert (tmp_path / "results" / "depletion.png").exists()
+    assert f"| grpo | 1 | **{scored['strict_accuracy']:.3f}** |" in table
+    assert (tmp_path / "results" / "main.png").exists()
     assert experiments.main(["run", *argv]) == 0
-    assert "2 runs planned, 2 already finished, 0 to run" in capsys.readouterr().out
+    assert "4 runs planned, 4 already finished, 0 to run" in capsys.readouterr().out
     assert experiments.main(["summarise", "--only", "nope"]) == 2
+    assert experiments.main(["run", "--shard", "2/2"]) == 2
 
 
 def test_experiments_snr_keeps_the_update_gradient_without_changing_the_model(tmp_path):

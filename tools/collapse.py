@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 import harness
-import shapes
 import vgpo
+from tools import experiments
 from tools.experiments import VARIANTS, COLORS, _KeepGradient
 
 ARMS = VARIANTS
@@ -67,19 +67,9 @@ def finished(folder: str, epochs: int) -> bool:
 
 
 def score(folder: str) -> dict:
-    """Held-out strict accuracy of a run's final weights under the three evaluation-noise seeds, kept in
-    eval_seeds.json ('start': the policy the continuations start from)."""
-    path = os.path.join(folder, "eval_seeds.json")
-    if not os.path.exists(path):
-        last = rows_of(folder)[-1]  # its final evaluation is the first seed's (vgpo.EVAL_SEED, tested equal)
-        first = {k[5:]: v for k, v in last.items() if k.startswith("eval/strict")}
-        runs = [first] + [shapes.held_out_accuracy(policy=harness.policy_file(folder, tiny=True), seed=s)
-                          for s in shapes.EVAL_SEEDS[1:]]
-        out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]} | {
-            "per_seed": [r["strict_accuracy"] for r in runs]}
-        with open(path, "w") as f:
-            json.dump(out, f)
-    return json.load(open(path))
+    """Held-out strict accuracy of a run's final weights under the three evaluation-noise seeds (kept in
+    eval_seeds.json; 'start': the policy the continuations start from)."""
+    return experiments.score(folder, rows_of(folder)[-1])
 
 
 def train_and_score(args: vgpo.Args) -> None:

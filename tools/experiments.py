@@ -1,24 +1,24 @@
-"""The experiments on the toy world (logged in results/RESULTS.md): VGPO against GRPO and its two halves,
-reward-diversity depletion, and sensitivity to κ, anchor_steps and γ. Every run is an ordinary `vgpo.train`
-run in its own folder; this script plans them, runs the missing ones one after another in this process, and summarises
-the folders into a Markdown table and PNG plots.
+"""The seeded experiments on the toy world (logged in results/RESULTS.md): VGPO against GRPO and VGPO's two halves,
+and VGPO's sensitivity to κ, anchor_steps and γ. Every run is an ordinary `vgpo.train` run in its own folder; this
+script plans them, runs the missing ones, scores each final policy under three evaluation-noise seeds, and
+summarises the folders into results/experiments.md, main.png and sensitivity.png.
 
-    python -m tools.experiments run                      # the full plan (slow: hours on 2 CPU cores)
+    python -m tools.experiments run                      # the full plan: 32 runs (30 distinct), hours on 2 cores
+    python -m tools.experiments run --shard 0/2 &  python -m tools.experiments run --shard 1/2   # on 2 cores
+    python -m tools.experiments summarise                # tables and plots only
     python -m tools.experiments run --epochs 10 --seeds 2 --eval-every 5 --only main   # a smaller budget
-    python -m tools.experiments summarise --epochs 10 --seeds 2 --eval-every 5         # tables and plots only
     python -m tools.experiments snr                      # signal-to-noise of one rollout's policy gradient
 
 Groups (`--only`):
-    main         GRPO, VGPO, temporal-values-only (VGPO with --anchor-coef 0) and anchor-only (VGPO with
-                 --no-temporal-values), `--seeds` seeds each, the same budget
-    depletion    GRPO and VGPO on the strict 0/1 reward (`--reward shapes_strict`), where many groups are
-                 uniform; `--depletion-seeds` seeds (default: `--seeds`)
-    sensitivity  VGPO with one of κ (anchor_coef), anchor_steps, γ changed; `--sensitivity-seeds` seeds
+    main         GRPO, VGPO, temporal-only (VGPO with --anchor-coef 0) and anchor-only (VGPO with
+                 --no-temporal-values), `--seeds` seeds each (default 5), the same budget
+    sensitivity  VGPO with one of anchor_steps, κ (anchor_coef), γ changed; `--sensitivity-seeds` seeds (default 2)
 Defaults (epochs, eval_every, every hyperparameter) come from vgpo.make_args(model="tiny"): the toy preset.
+(Reward-diversity depletion, the strict reward's uniform groups, is tools.collapse's subject.)
 
 A run whose folder holds a finished metrics.jsonl (its last row is the final, evaluated epoch) is skipped;
 an interrupted one with a checkpoint is resumed (vgpo's --resume), one without is started again. So the
-plan can be run in pieces (`--only`, `--deadline`) and summarised at any time. Runs go to
+plan can be run in pieces (`--only`, `--deadline`, `--shard`) and summarised at any time. Runs go to
 runs/experiments/ (not committed); the table and plots to results/ (committed).
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 
 import harness
 import recovery
+import shapes
 import vgpo
 
 VARIANTS = {  # name → the settings it changes from the toy preset
@@ -45,12 +46,11 @@ VARIANTS = {  # name → the settings it changes from the toy preset
     "temporal-only": dict(anchor_coef=0.0),  # per-step values and weights, no absolute term
     "anchor-only": dict(temporal_values=False),  # terminal reward only, ω ≡ 1, with the absolute term
 }
-DEPLETION = {"grpo-strict": dict(algo="grpo", reward="shapes_strict"), "vgpo-strict": dict(reward="shapes_strict")}
 # Sensitivity: one setting changed at a time around the preset's value (the preset's own point is the
-# main grid's VGPO run, reused). κ = 0 is temporal-only and anchor_steps ≥ T − 1 anchors every trained step.
-SENSITIVITY = {"anchor_coef": [0.3, 3.0], "anchor_steps": [2, 9], "gamma": [0.5, 1.0]}
-COLORS = {"grpo": "tab:red", "vgpo": "tab:blue", "temporal-only": "tab:green", "anchor-only": "tab:purple",
-          "grpo-strict": "tab:red", "vgpo-strict": "tab:blue"}
+# main grid's VGPO run, reused). κ = 0 is temporal-only; the preset's anchor_steps (5) covers all 4 trained steps,
+# so 2 anchors the early half of them only.
+SENSITIVITY = {"anchor_steps": [2], "anchor_coef": [0.3, 3.0], "gamma": [0.5, 1.0]}
+COLORS = {"grpo": "tab:red", "vgpo": "tab:blue", "temporal-only": "tab:green", "anchor-only": "tab:purple"}
 
 
 @dataclasses.dataclass
@@ -67,14 +67,11 @@ class Run:
         return os.path.join(root, f"{algo}{'-' + tag if tag else ''}-e{epochs}-s{self.seed}")
 
 
-def plan(only, seeds: int, sensitivity_seeds: int, depletion_seeds: int | None = None) -> list[Run]:
+def plan(only, seeds: int, sensitivity_seeds: int) -> list[Run]:
     """Every run of the chosen groups, seed-major so that a plan cut short has balanced variants."""
     runs = []
     if "main" in only:
         runs += [Run("main", name, s, o) for s in range(seeds) for name, o in VARIANTS.items()]
-    if "depletion" in only:
-        depletion_seeds = seeds if depletion_seeds is None else depletion_seeds
-        runs += [Run("depletion", name, s, o) for s in range(depletion_seeds) for name, o in DEPLETION.items()]
     if "sensitivity" in only:
         for s in range(sensitivity_seeds):
             runs.append(Run("sensitivity", "vgpo", s, {}))
@@ -100,10 +97,38 @@ def run_args(run: Run, folder: str, opts) -> vgpo.Args:
     return vgpo.make_args(model="tiny", seed=run.seed, output_dir=folder, **{**extra, **run.overrides, **opts.set})
 
 
+def score(folder: str, first: dict, base_of: str = "") -> dict:
+    """Held-out strict accuracy ('strict_accuracy', 'strict/<category>') under each evaluation-noise seed
+    (shapes.EVAL_SEEDS): their mean, and 'per_seed'. Of the policy the finished run in `folder` saved, or with
+    `base_of` (a run folder) of the base model that run started from. `first`: the first seed's evaluation, which
+    the run logged already (its final row; row 0 for the base). Kept in FOLDER/eval_seeds.json."""
+    path = os.path.join(folder, "eval_seeds.json")
+    if not os.path.exists(path):
+        with open(os.path.join(base_of or folder, "args.json")) as f:
+            saved = json.load(f)
+        args = vgpo.Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(vgpo.Args)}})
+        model = vgpo.load_model(args)
+        if not base_of:
+            harness.init_from(model, folder)
+        runs = [first] + [vgpo.evaluate(model, args, seed=s) for s in shapes.EVAL_SEEDS[1:]]
+        runs = [{k[5:]: v for k, v in r.items() if k.startswith("eval/strict")} for r in runs]
+        out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]} | {
+            "per_seed": [r["strict_accuracy"] for r in runs]}
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f)
+    with open(path) as f:
+        return json.load(f)
+
+
 def execute(runs: list[Run], opts) -> None:
-    """Run what is missing, in order; stop starting new runs after --deadline (UTC HH:MM)."""
-    todo = [r for r in runs if not finished(r.folder(opts.runs, opts.epochs), opts.epochs)]
-    print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already finished, {len(todo)} to run", flush=True)
+    """Run what is missing, in order (with --shard K/N, every N-th of them from the K-th), scoring each finished
+    run under the three evaluation-noise seeds; stop starting new runs after --deadline (UTC HH:MM)."""
+    distinct = list({r.folder(opts.runs, opts.epochs): r for r in reversed(runs)}.values())[::-1]  # plan order
+    mine = distinct[opts.shard[0]::opts.shard[1]]  # a shard's share depends on the plan only, not on what is done
+    todo = [r for r in mine if not finished(r.folder(opts.runs, opts.epochs), opts.epochs)]
+    print(f"{len(mine)} runs planned{' for this shard' if opts.shard[1] > 1 else ''}, {len(mine) - len(todo)} "
+          f"already finished, {len(todo)} to run", flush=True)
     for i, run in enumerate(todo):
         if opts.deadline and dt.datetime.now(dt.timezone.utc).strftime("%H:%M") >= opts.deadline:
             print(f"deadline {opts.deadline} UTC reached: {len(todo) - i} runs not started", flush=True)
@@ -119,7 +144,9 @@ def execute(runs: list[Run], opts) -> None:
         vgpo.train(args)
         print(f"=== done in {(time.time() - t0) / 60:.1f} min", flush=True)
         shutil.rmtree(os.path.join(folder, "checkpoints"), ignore_errors=True)  # 45 MB each; the run is complete
-        summarise(runs, opts)  # tables and plots are current after every run
+        score(folder, read_rows(folder)[-1])
+        if opts.shard[1] == 1:  # one process: tables and plots are current after every run
+            summarise(runs, opts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,135 +155,174 @@ def execute(runs: list[Run], opts) -> None:
 
 
 def collect(runs: list[Run], opts) -> dict:
-    """{(group, label): [rows of each finished seed]}; unfinished runs are left out (and counted)."""
+    """{(group, label): [(metric rows, eval_seeds score) of each finished seed, by seed]}; unfinished runs are left
+    out (and counted)."""
     out = {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r.seed):
         folder = r.folder(opts.runs, opts.epochs)
         if finished(folder, opts.epochs):
-            out.setdefault((r.group, r.label), []).append(read_rows(folder))
+            rows = read_rows(folder)
+            out.setdefault((r.group, r.label), []).append((r.seed, rows, score(folder, rows[-1])))
     return out
 
 
-def by_epoch(seed_rows: list[list[dict]], key, reduce=lambda v: v):
-    """(epochs, mean over seeds, std over seeds (ddof 1; 0 for one seed)) of `key` where every seed has it."""
-    per_epoch = {}
-    for rows in seed_rows:
-        for row in rows:
-            if key in row:
-                per_epoch.setdefault(row["epoch"], []).append(reduce(row[key]))
-    epochs = sorted(e for e, v in per_epoch.items() if len(v) == len(seed_rows))
-    vals = [np.array(per_epoch[e], dtype=float) for e in epochs]
-    return (np.array(epochs), np.array([v.mean() for v in vals]),
-            np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]))
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error over seeds (std with ddof 1 / √n; 0 for one seed)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
-def tail_mean(seed_rows, key, n=3, reduce=lambda v: v):
-    """Mean over seeds of the mean of `key` over the last n trained epochs."""
-    return float(np.mean([np.mean([reduce(r[key]) for r in [r for r in rows if key in r][-n:]]) for rows in seed_rows]))
+def fmt(values) -> str:
+    m, se = mean_se(values)
+    return f"{m:.3f} ± {se:.3f}" if len(values) > 1 else f"{m:.3f}"
 
 
-def head_mean(seed_rows, key, n=3, reduce=lambda v: v):
-    return float(np.mean([np.mean([reduce(r[key]) for r in [r for r in rows if key in r][:n]]) for rows in seed_rows]))
+def curve(seeds: list, key: str, smooth: int = 1):
+    """(epochs, mean over seeds, s.e. over seeds) of `key` at the epochs every seed logged it; `smooth` > 1: a
+    trailing running mean over that many epochs first (training metrics are noisy epoch to epoch)."""
+    per_seed = []
+    for _, rows, _ in seeds:
+        e = np.array([r["epoch"] for r in rows if key in r])
+        v = np.array([float(r[key]) for r in rows if key in r])
+        if smooth > 1 and len(v) >= smooth:
+            v = np.convolve(v, np.ones(smooth) / smooth, mode="valid")
+            e = e[smooth - 1:]
+        per_seed.append(dict(zip(e.tolist(), v)))
+    epochs = sorted(set.intersection(*[set(d) for d in per_seed]))
+    vals = np.array([[d[e] for e in epochs] for d in per_seed])
+    se = vals.std(0, ddof=1) / np.sqrt(len(per_seed)) if len(per_seed) > 1 else np.zeros(len(epochs))
+    return np.array(epochs), vals.mean(0), se
 
 
-def fmt(m, s, n):
-    return f"{m:.3f} ± {s:.3f}" if n > 1 else f"{m:.3f}"
+def window(rows: list[dict], key: str, first: bool, n: int = 10) -> float:
+    """Mean of `key` over a run's first (or last) n trained epochs."""
+    v = [float(r[key]) for r in rows if key in r and r["epoch"] > 0]
+    return float(np.mean(v[:n] if first else v[-n:]))
 
 
-def table(data: dict, group: str, labels: list[str], opts, reference: str | None = None) -> list[str]:
-    """Markdown rows: held-out strict accuracy by evaluated epoch (mean ± std over seeds), epochs to reach the
-    reference's final accuracy, frac_zero_std and mean |Â| (first → last 3 epochs), seconds per epoch."""
-    present = [lb for lb in labels if (group, lb) in data]
-    if not present:
-        return [f"_no finished runs of `{group}` for this budget yet_", ""]
-    epochs = by_epoch(data[(group, present[0])], "eval/strict_accuracy")[0]
-    ref_final = None
-    if reference and (group, reference) in data:
-        ref_final = by_epoch(data[(group, reference)], "eval/strict_accuracy")[1][-1]
-    head = ["run", "seeds", *[f"strict acc. @{e}" for e in epochs]]
-    head += [f"epochs to {reference}'s final" if ref_final is not None else None, "train reward (first 3 → last 3)",
-             "frac_zero_std (first 3 → last 3)", "mean abs(Â) (first 3 → last 3)", "s / epoch", "s / eval"]
-    head = [h for h in head if h is not None]
+def main_tables(data: dict, opts, base: dict | None) -> list[str]:
+    arms = [a for a in VARIANTS if ("main", a) in data]
+    if not arms:
+        return ["_no finished runs of the main grid for this budget yet_", ""]
+    final = {a: {s: sc["strict_accuracy"] for s, _, sc in data[("main", a)]} for a in arms}
+    ref = "grpo" if "grpo" in arms else None
+    ref_final = curve(data[("main", ref)], "eval/strict_accuracy")[1][-1] if ref else None
+    epochs = curve(data[("main", arms[0])], "eval/strict_accuracy")[0]
+    head = ["arm", "seeds", "final (3 noise seeds)", "− GRPO, same seeds", "best evaluation",
+            *[f"@{int(e)}" for e in epochs], "epochs to GRPO's final", "below the base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for lb in present:
-        rows = data[(group, lb)]
-        n = len(rows)
-        e, m, s = by_epoch(rows, "eval/strict_accuracy")
-        cells = [lb, str(n), *[fmt(mi, si, n) for mi, si in zip(m, s)]]
-        if ref_final is not None:  # first evaluated epoch after training began where the mean reaches it
-            hit = [int(ei) for ei, mi in zip(e, m) if ei > 0 and mi >= ref_final - 1e-9]
-            cells.append(str(hit[0]) if hit else f"not in {int(e[-1])}")
-        for key, red in [("reward/mean", float), ("reward/frac_zero_std", float),
-                         ("advantage/trained_mean_abs", float)]:
-            cells.append(f"{head_mean(rows, key, reduce=red):.3f} → {tail_mean(rows, key, reduce=red):.3f}")
-        cells.append(f"{np.mean([r['time/epoch_s'] for rows_ in rows for r in rows_ if 'reward/mean' in r]):.1f}")
-        cells.append(f"{np.mean([r['time/eval_s'] for rows_ in rows for r in rows_ if 'time/eval_s' in r]):.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
+    for a in arms:
+        seeds = data[("main", a)]
+        diffs = [final[a][s] - final[ref][s] for s in final[a] if ref and s in final[ref]]
+        best = [max(r["eval/strict_accuracy"] for r in rows if "eval/strict_accuracy" in r) for _, rows, _ in seeds]
+        e, m, se = curve(seeds, "eval/strict_accuracy")
+        hit = [int(ei) for ei, mi in zip(e, m) if ei > 0 and ref_final is not None and mi >= ref_final - 1e-9]
+        below = sum(v < base["strict_accuracy"] for v in final[a].values()) if base else "?"
+        lines.append("| " + " | ".join([
+            a, str(len(seeds)), f"**{fmt(list(final[a].values()))}**",
+            fmt(diffs) if diffs and a != ref else "", fmt(best),
+            *[f"{mi:.3f} ± {si:.3f}" for mi, si in zip(m, se)],
+            (str(hit[0]) if hit else f"not by {int(e[-1])}") if ref_final is not None else "",
+            f"{below} of {len(seeds)}"]) + " |")
+    lines += ["", "Groups and updates: the share of groups whose 8 samples all pass (all-solved) or all fail "
+              "(all-failed), and of trained trajectories whose advantage is non-zero on some trained step; "
+              "epochs 1–10 → the last 10 (mean ± s.e. over seeds).", ""]
+    keys = [("reward/mean", "training reward"), ("reward/frac_all_solved", "all-solved groups"),
+            ("reward/frac_all_failed", "all-failed groups"), ("advantage/frac_nonzero", "trajectories with Â ≠ 0")]
+    lines += ["| arm | " + " | ".join(t for _, t in keys) + " | s / epoch |", "|" + "---|" * (len(keys) + 2)]
+    for a in arms:
+        seeds = data[("main", a)]
+        cells = [f"{fmt([window(r, k, True) for _, r, _ in seeds])} → {fmt([window(r, k, False) for _, r, _ in seeds])}"
+                 for k, _ in keys]
+        secs = np.mean([r["time/epoch_s"] for _, rows, _ in seeds for r in rows if "time/epoch_s" in r])
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {secs:.1f} |")
+    cats = [c for c in shapes.CATEGORIES if f"strict/{c}" in data[("main", arms[0])][0][2]]  # those held out
+    lines += ["", "By category, final (3 noise seeds; mean ± s.e. over seeds):", "",
+              "| arm | " + " | ".join(c.replace("_", " ") for c in cats) + " |", "|" + "---|" * (len(cats) + 1)]
+    if base:
+        lines.append("| base | " + " | ".join(f"{base[f'strict/{c}']:.3f}" for c in cats) + " |")
+    for a in arms:
+        seeds = data[("main", a)]
+        lines.append(f"| {a} | " + " | ".join(fmt([sc[f"strict/{c}"] for _, _, sc in seeds]) for c in cats) + " |")
     return lines + [""]
 
 
-def sensitivity_table(data, opts) -> list[str]:
-    base = vgpo.make_args(model="tiny")
-    lines = ["| setting | value | seeds | held-out strict acc., base → final | frac_zero_std (last 3) |",
-             "|---|---|---|---|---|"]
+def sensitivity_table(data: dict, opts) -> list[str]:
+    preset = vgpo.make_args(model="tiny")
+    ref = {s: sc["strict_accuracy"] for s, _, sc in data.get(("main", "grpo"), [])}
+    lines = ["| setting | value | seeds | final per seed (3 noise seeds) | mean | − preset, same seeds | "
+             "− GRPO, same seeds |", "|---|---|---|---|---|---|---|"]
     found = False
     for key, values in SENSITIVITY.items():
-        for v in sorted(set(values) | {getattr(base, key)}):
-            lb = "vgpo" if v == getattr(base, key) else f"{key}={v}"
-            rows = data.get(("sensitivity", lb))
-            if not rows:
+        here = {s: sc["strict_accuracy"] for s, _, sc in data.get(("sensitivity", "vgpo"), [])}
+        for v in sorted(set(values) | {getattr(preset, key)}):
+            lb = "vgpo" if v == getattr(preset, key) else f"{key}={v}"
+            seeds = data.get(("sensitivity", lb))
+            if not seeds:
                 continue
             found = True
-            _, m, s = by_epoch(rows, "eval/strict_accuracy")
-            mark = " (preset)" if lb == "vgpo" else ""
-            lines.append(f"| {key} | {v}{mark} | {len(rows)} | {m[0]:.3f} → {fmt(m[-1], s[-1], len(rows))} | "
-                         f"{tail_mean(rows, 'reward/frac_zero_std'):.3f} |")
+            acc = {s: sc["strict_accuracy"] for s, _, sc in seeds}
+            d_preset = [acc[s] - here[s] for s in acc if s in here] if lb != "vgpo" else []
+            d_grpo = [acc[s] - ref[s] for s in acc if s in ref]
+            lines.append(f"| {key} | {v}{' (preset)' if lb == 'vgpo' else ''} | {len(seeds)} | "
+                         f"{', '.join(f'{acc[s]:.3f}' for s in sorted(acc))} | {fmt(list(acc.values()))} | "
+                         f"{fmt(d_preset) if d_preset else ''} | {fmt(d_grpo) if d_grpo else ''} |")
     return (lines if found else ["_no finished sensitivity runs for this budget yet_"]) + [""]
 
 
-def plots(data: dict, opts) -> list[str]:
+def plots(data: dict, opts, base: dict | None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for group, labels, name in [("main", list(VARIANTS), "main"), ("depletion", list(DEPLETION), "depletion")]:
-        present = [lb for lb in labels if (group, lb) in data]
-        if not present:
-            continue
-        fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
-        for lb in present:
-            rows, c = data[(group, lb)], COLORS.get(lb)
-            for a, key, red in [(ax[0], "eval/strict_accuracy", float), (ax[1], "reward/mean", float),
-                                (ax[2], "reward/frac_zero_std", float), (ax[3], "advantage/trained_mean_abs", float)]:
-                e, m, s = by_epoch(rows, key, red)
-                a.plot(e, m, "o-" if key.startswith("eval") else "-", color=c, label=f"{lb} (n={len(rows)})", ms=4)
-                a.fill_between(e, m - s, m + s, color=c, alpha=0.15)
-        titles = ["held-out strict accuracy (mean ± std over seeds)", "training reward (terminal)",
-                  "frac_zero_std (uniform groups)", "mean |Â| over trained steps"]
-        for a, t in zip(ax, titles):
-            a.set(xlabel="epoch", title=t)
+    arms = [a for a in VARIANTS if ("main", a) in data]
+    if arms:
+        panels = [("eval/strict_accuracy", "held-out strict accuracy (×: final, 3 noise seeds)", 1),
+                  ("reward/mean", "training reward (5-epoch mean)", 5),
+                  ("reward/frac_all_solved", "all-solved groups (5-epoch mean)", 5),
+                  ("reward/frac_all_failed", "all-failed groups (5-epoch mean)", 5),
+                  ("advantage/frac_nonzero", "trajectories with Â ≠ 0 (5-epoch mean)", 5)]
+        fig, ax = plt.subplots(1, len(panels), figsize=(20, 3.7))
+        for a in arms:
+            seeds, c = data[("main", a)], COLORS.get(a)
+            for axis, (key, _, smooth) in zip(ax, panels):
+                e, m, se = curve(seeds, key, smooth)
+                axis.plot(e, m, "o-" if smooth == 1 else "-", color=c, ms=4, label=f"{a} (n = {len(seeds)})")
+                axis.fill_between(e, m - se, m + se, color=c, alpha=0.15)
+            fm, fse = mean_se([sc["strict_accuracy"] for _, _, sc in seeds])
+            ax[0].errorbar([opts.epochs + 2], [fm], yerr=[fse], fmt="x", color=c, capsize=3)
+        for axis, (_, title, _) in zip(ax, panels):
+            axis.set(xlabel="epoch", title=title)
         ax[0].legend(fontsize=8)
-        fig.suptitle(f"{group}: {budget_line(opts)}", fontsize=9)
+        fig.suptitle(f"mean ± s.e. over seeds; {budget_line(opts)}", fontsize=9)
         fig.tight_layout()
-        path = os.path.join(opts.results, f"{name}.png")
+        path = os.path.join(opts.results, "main.png")
         fig.savefig(path, dpi=70)
         plt.close(fig)
         written.append(path)
-    base = vgpo.make_args(model="tiny")
+    preset = vgpo.make_args(model="tiny")
     if any(g == "sensitivity" for g, _ in data):
-        fig, ax = plt.subplots(1, len(SENSITIVITY), figsize=(12, 3.4))
-        for a, (key, values) in zip(ax, SENSITIVITY.items()):
-            xs, ms, ss = [], [], []
-            for v in sorted(set(values) | {getattr(base, key)}):
-                rows = data.get(("sensitivity", "vgpo" if v == getattr(base, key) else f"{key}={v}"))
-                if rows:
-                    _, m, s = by_epoch(rows, "eval/strict_accuracy")
-                    xs.append(v), ms.append(m[-1]), ss.append(s[-1])
-            a.errorbar(xs, ms, yerr=ss, fmt="o-")
-            a.axvline(getattr(base, key), color="grey", ls=":", label="preset")
-            a.set(xlabel=key, ylabel="final held-out strict acc.", title=f"sensitivity to {key}")
+        fig, ax = plt.subplots(1, len(SENSITIVITY), figsize=(12, 3.4), sharey=True)
+        grpo = [sc["strict_accuracy"] for _, _, sc in data.get(("main", "grpo"), [])]
+        for axis, (key, values) in zip(ax, SENSITIVITY.items()):
+            xs, ms = [], []
+            for v in sorted(set(values) | {getattr(preset, key)}):
+                seeds = data.get(("sensitivity", "vgpo" if v == getattr(preset, key) else f"{key}={v}"))
+                if seeds:
+                    acc = [sc["strict_accuracy"] for _, _, sc in seeds]
+                    axis.plot([v] * len(acc), acc, ".", color="tab:blue", alpha=0.5)
+                    xs.append(v), ms.append(np.mean(acc))
+            axis.plot(xs, ms, "o-", color="tab:blue", label="VGPO (dots: seeds)")
+            axis.axvline(getattr(preset, key), color="grey", ls=":", label="preset")
+            if grpo:
+                axis.axhline(np.mean(grpo), color="tab:red", ls="--", label=f"GRPO, {len(grpo)} seeds")
+            if base:
+                axis.axhline(base["strict_accuracy"], color="black", ls=":", label="base model")
+            axis.set(xlabel=key, title=f"sensitivity to {key}")
+        ax[0].set_ylabel("final held-out strict accuracy")
+        ax[0].legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(opts.results, "sensitivity.png")
         fig.savefig(path, dpi=70)
@@ -275,19 +341,27 @@ def budget_line(opts) -> str:
 def summarise(runs: list[Run], opts) -> str:
     os.makedirs(opts.results, exist_ok=True)
     data = collect(runs, opts)
-    done = sum(len(v) for v in data.values())
+    done = len({r.folder(opts.runs, opts.epochs) for r in runs if finished(r.folder(opts.runs, opts.epochs),
+                                                                         opts.epochs)})
+    planned = len({r.folder(opts.runs, opts.epochs) for r in runs})
+    base = None
+    if data:  # every run starts from the same base model: score it once, from the first finished run's settings
+        first = next(r.folder(opts.runs, opts.epochs) for r in runs if finished(r.folder(opts.runs, opts.epochs),
+                                                                               opts.epochs))
+        base = score(os.path.join(opts.runs, "base"), read_rows(first)[0], base_of=first)
     lines = ["# Experiments on the toy world (written by `python -m tools.experiments`)", "",
-             f"Budget: {budget_line(opts)}. {done} of {len(runs)} planned runs finished. Accuracy is the mean over "
-             "seeds ± the std over seeds (ddof 1); '@E' is the evaluation after epoch E (@0 = the base model). "
-             "'first 3 → last 3' averages the first and the last three training epochs. Seconds are wall time on "
-             "this machine, 1 thread.", "",
+             f"Budget: {budget_line(opts)}. {done} of {planned} planned runs finished. Held-out strict accuracy "
+             "(GenEval's mean over the six categories); 'final' averages the final policy's evaluations under "
+             "three evaluation-noise seeds, '@E' and 'best' use the first seed (the run's own evaluations; @0 is "
+             "the base model). Mean ± standard error over training seeds; '− GRPO, same seeds' is the mean of "
+             "the per-seed differences. Seconds per epoch: wall time at one thread, two runs sharing 2 CPU cores. "
+             "'Below the base': runs whose final accuracy ends under the base model's"
+             + (f" ({base['strict_accuracy']:.3f} under the same three noise seeds)." if base else "."), "",
              f"Command: `{opts.cmdline}`", "", "## GRPO, VGPO and its two halves", ""]
-    lines += table(data, "main", list(VARIANTS), opts, reference="grpo")
-    lines += ["## Reward-diversity depletion (strict 0/1 reward, `--reward shapes_strict`)", ""]
-    lines += table(data, "depletion", list(DEPLETION), opts, reference="grpo-strict")
-    lines += ["## Sensitivity (VGPO, one setting changed)", ""]
+    lines += main_tables(data, opts, base)
+    lines += ["## Sensitivity (VGPO, one setting changed from the preset)", ""]
     lines += sensitivity_table(data, opts)
-    for p in plots(data, opts):
+    for p in plots(data, opts, base):
         lines.append(f"![{os.path.basename(p)}]({os.path.basename(p)})")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(opts.results, "experiments.md"), "w") as f:
@@ -406,16 +480,14 @@ def main(argv=None) -> int:
     p = harness.Parser(description=__doc__.split("\n\n")[0])  # a usage mistake is one line and exit code 2
     p.add_argument("command", choices=["run", "summarise", "summarize", "snr"],
                    help="run the missing runs, only summarise, or measure the policy gradient's signal-to-noise")
-    p.add_argument("--only", default="main,depletion,sensitivity",
-                   help="comma-separated groups: main, depletion, sensitivity")
+    p.add_argument("--only", default="main,sensitivity", help="comma-separated groups: main, sensitivity")
     p.add_argument("--epochs", type=int, default=preset.epochs,
                    help=f"epochs per run (default: the preset's {preset.epochs})")
     p.add_argument("--eval-every", type=int, default=preset.eval_every,
                    help=f"(default: the preset's {preset.eval_every})")
-    p.add_argument("--seeds", type=int, default=3,
-                   help="seeds 0…N−1 of the main grid and the depletion pair (default 3)")
-    p.add_argument("--depletion-seeds", type=int, default=None, help="seeds of the depletion pair (default: --seeds)")
-    p.add_argument("--sensitivity-seeds", type=int, default=1, help="seeds of the sensitivity sweep (default 1)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0…N−1 of the main grid (default 5)")
+    p.add_argument("--sensitivity-seeds", type=int, default=2, help="seeds of the sensitivity sweep (default 2)")
+    p.add_argument("--shard", default="0/1", help="K/N: run every N-th missing run from the K-th, to use N processes")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="change a vgpo.Args field in every run")
     p.add_argument("--deadline", default="", help="UTC HH:MM after which no new run starts (the current one finishes)")
     p.add_argument("--runs", default=os.path.join("runs", "experiments"), help="where the run folders go")
@@ -427,10 +499,13 @@ def main(argv=None) -> int:
     try:
         opts = p.parse_args(argv)
         only = opts.only.split(",")
-        if set(only) - {"main", "depletion", "sensitivity"}:
-            raise harness.UsageError(f"--only {opts.only!r}: use main, depletion and/or sensitivity, comma-separated")
-        opts.depletion_seeds = opts.seeds if opts.depletion_seeds is None else opts.depletion_seeds
-        if min(opts.epochs, opts.eval_every, opts.seeds, opts.depletion_seeds, opts.sensitivity_seeds) < 1:
+        if set(only) - {"main", "sensitivity"}:
+            raise harness.UsageError(f"--only {opts.only!r}: use main and/or sensitivity, comma-separated")
+        k, _, n = opts.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+            raise harness.UsageError(f"--shard {opts.shard!r}: write K/N with 0 ≤ K < N, e.g. 0/2 and 1/2")
+        opts.shard = (int(k), int(n))
+        if min(opts.epochs, opts.eval_every, opts.seeds, opts.sensitivity_seeds) < 1:
             raise harness.UsageError("--epochs, --eval-every and the seed counts must be ≥ 1")
         opts.set = parse_set(opts.set)
         if opts.command == "snr":
@@ -447,12 +522,15 @@ def main(argv=None) -> int:
             return 0
         opts.cmdline = "python -m tools.experiments run " + " ".join(
             [f"--epochs {opts.epochs}", f"--eval-every {opts.eval_every}", f"--seeds {opts.seeds}",
-             f"--depletion-seeds {opts.depletion_seeds}", f"--sensitivity-seeds {opts.sensitivity_seeds}",
+             f"--sensitivity-seeds {opts.sensitivity_seeds}",
              f"--only {opts.only}", *[f"--set {k}={v}" for k, v in opts.set.items()]])
-        runs = plan(only, opts.seeds, opts.sensitivity_seeds, opts.depletion_seeds)
+        runs = plan(only, opts.seeds, opts.sensitivity_seeds)
         harness.validate(run_args(runs[0], "", opts))
         if opts.command == "run":
             execute(runs, opts)
+            if opts.shard[1] > 1:  # the other shards may still be running: summarise once they are all done
+                print("this shard is done; when every shard is: python -m tools.experiments summarise", flush=True)
+                return 0
         print(summarise(runs, opts))
     except harness.UsageError as e:
         print(f"tools.experiments: error: {e}", file=sys.stderr)
