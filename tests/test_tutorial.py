@@ -173,10 +173,26 @@ def test_experiments_run_in_shards_score_summarise_and_skip_finished_runs(tmp_pa
     table = (tmp_path / "results" / "experiments.md").read_text()
     assert f"| grpo | 1 | **{scored['strict_accuracy']:.3f}** |" in table
     assert (tmp_path / "results" / "main.png").exists()
+    assert "| temporal values (ω and previews) |" in table and "| the anchor (κ·Q̄) |" in table  # the 2 × 2
     assert experiments.main(["run", *argv]) == 0
     assert "4 runs planned, 4 already finished, 0 to run" in capsys.readouterr().out
     assert experiments.main(["summarise", "--only", "nope"]) == 2
     assert experiments.main(["run", "--shard", "2/2"]) == 2
+
+
+def test_experiments_halves_are_the_2x2_differences_paired_by_seed():
+    """tools.experiments.halves: temporal values' effect is temporal-only − GRPO (anchor off) and VGPO − anchor-only
+    (anchor on); the anchor's is anchor-only − GRPO and VGPO − temporal-only; only seeds every arm has count."""
+    from tools import experiments
+
+    final = {"grpo": {0: 0.60, 1: 0.62, 2: 0.9}, "vgpo": {0: 0.61, 1: 0.66},
+             "temporal-only": {0: 0.59, 1: 0.63}, "anchor-only": {0: 0.65, 1: 0.64}}
+    got = experiments.halves(final)
+    assert got["seeds"] == [0, 1]
+    off, on = got["temporal values (ω and previews)"]
+    assert off == pytest.approx([-0.01, 0.01]) and on == pytest.approx([-0.04, 0.02])
+    off, on = got["the anchor (κ·Q̄)"]
+    assert off == pytest.approx([0.05, 0.02]) and on == pytest.approx([0.02, 0.03])
 
 
 def test_experiments_snr_keeps_the_update_gradient_without_changing_the_model(tmp_path):

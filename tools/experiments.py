@@ -200,6 +200,20 @@ def window(rows: list[dict], key: str, first: bool, n: int = 10) -> float:
     return float(np.mean(v[:n] if first else v[-n:]))
 
 
+# The four arms are a 2 × 2 design, temporal values on/off × anchor on/off (GRPO is VGPO with both off): each half's
+# effect is a difference of two arms, with the other half off and with it on.
+HALVES = {"temporal values (ω and previews)": (("temporal-only", "grpo"), ("vgpo", "anchor-only")),
+          "the anchor (κ·Q̄)": (("anchor-only", "grpo"), ("vgpo", "temporal-only"))}
+
+
+def halves(final: dict) -> dict:
+    """{half: (per-seed effect with the other half off, with it on)} from {arm: {seed: final accuracy}}, over the
+    seeds every arm has; 'seeds': those seeds."""
+    seeds = sorted(set.intersection(*[set(final[a]) for a in VARIANTS]))
+    out = {name: tuple([final[x][s] - final[y][s] for s in seeds] for x, y in pairs) for name, pairs in HALVES.items()}
+    return out | {"seeds": seeds}
+
+
 def main_tables(data: dict, opts, base: dict | None) -> list[str]:
     arms = [a for a in VARIANTS if ("main", a) in data]
     if not arms:
@@ -224,6 +238,14 @@ def main_tables(data: dict, opts, base: dict | None) -> list[str]:
             *[f"{mi:.3f} ± {si:.3f}" for mi, si in zip(m, se)],
             (str(hit[0]) if hit else f"not by {int(e[-1])}") if ref_final is not None else "",
             f"{below} of {len(seeds)}"]) + " |")
+    if set(VARIANTS) <= set(arms):
+        effects = halves(final)
+        lines += ["", f"The four arms as a 2 × 2 design (final accuracy, paired by seed, {len(effects['seeds'])} "
+                  "seeds): what each half adds with the other half off, with it on, and the average.", "",
+                  "| adding | with the other off | with the other on | average |", "|---|---|---|---|"]
+        for name in HALVES:
+            off, on = effects[name]
+            lines.append(f"| {name} | {fmt(off)} | {fmt(on)} | {fmt([(a + b) / 2 for a, b in zip(off, on)])} |")
     lines += ["", "Groups and updates: the share of groups whose 8 samples all pass (all-solved) or all fail "
               "(all-failed), and of trained trajectories whose advantage is non-zero on some trained step; "
               "epochs 1–10 → the last 10 (mean ± s.e. over seeds).", ""]
@@ -285,14 +307,14 @@ def plots(data: dict, opts, base: dict | None) -> list[str]:
                   ("reward/frac_all_failed", "all-failed groups (5-epoch mean)", 5),
                   ("advantage/frac_nonzero", "trajectories with Â ≠ 0 (5-epoch mean)", 5)]
         fig, ax = plt.subplots(1, len(panels), figsize=(20, 3.7))
-        for a in arms:
+        for i, a in enumerate(arms):
             seeds, c = data[("main", a)], COLORS.get(a)
             for axis, (key, _, smooth) in zip(ax, panels):
                 e, m, se = curve(seeds, key, smooth)
                 axis.plot(e, m, "o-" if smooth == 1 else "-", color=c, ms=4, label=f"{a} (n = {len(seeds)})")
                 axis.fill_between(e, m - se, m + se, color=c, alpha=0.15)
             fm, fse = mean_se([sc["strict_accuracy"] for _, _, sc in seeds])
-            ax[0].errorbar([opts.epochs + 2], [fm], yerr=[fse], fmt="x", color=c, capsize=3)
+            ax[0].errorbar([opts.epochs * (1.03 + 0.02 * i)], [fm], yerr=[fse], fmt="x", color=c, capsize=3)
         for axis, (_, title, _) in zip(ax, panels):
             axis.set(xlabel="epoch", title=title)
         ax[0].legend(fontsize=8)
