@@ -3,8 +3,8 @@ and VGPO's sensitivity to κ, anchor_steps and γ. Every run is an ordinary `vgp
 script plans them, runs the missing ones, scores each final policy under three evaluation-noise seeds, and
 summarises the folders into results/experiments.md, main.png and sensitivity.png.
 
-    python -m tools.experiments run                      # the full plan: 32 runs (30 distinct), hours on 2 cores
-    python -m tools.experiments run --shard 0/2 &  python -m tools.experiments run --shard 1/2   # on 2 cores
+    python -m tools.experiments run                      # the full plan: 30 runs, ≈ 4 h in one process
+    python -m tools.experiments run --shard 0/2 &  python -m tools.experiments run --shard 1/2   # ≈ 2 h 10 min
     python -m tools.experiments summarise                # tables and plots only
     python -m tools.experiments run --epochs 10 --seeds 2 --eval-every 5 --only main   # a smaller budget
     python -m tools.experiments snr                      # signal-to-noise of one rollout's policy gradient
@@ -47,9 +47,9 @@ VARIANTS = {  # name → the settings it changes from the toy preset
     "anchor-only": dict(temporal_values=False),  # terminal reward only, ω ≡ 1, with the absolute term
 }
 # Sensitivity: one setting changed at a time around the preset's value (the preset's own point is the
-# main grid's VGPO run, reused). κ = 0 is temporal-only; the preset's anchor_steps (5) covers all 4 trained steps,
-# so 2 anchors the early half of them only.
-SENSITIVITY = {"anchor_steps": [2], "anchor_coef": [0.3, 3.0], "gamma": [0.5, 1.0]}
+# main grid's VGPO run, reused, as is its temporal-only run for κ = 0). The preset's anchor_steps (5) covers all 4
+# trained steps, so 2 anchors the early half of them only.
+SENSITIVITY = {"anchor_steps": [2], "anchor_coef": [0.0, 0.3, 3.0], "gamma": [0.5, 1.0]}
 COLORS = {"grpo": "tab:red", "vgpo": "tab:blue", "temporal-only": "tab:green", "anchor-only": "tab:purple"}
 
 
@@ -254,7 +254,7 @@ def main_tables(data: dict, opts, base: dict | None) -> list[str]:
     lines += ["| arm | " + " | ".join(t for _, t in keys) + " | s / epoch |", "|" + "---|" * (len(keys) + 2)]
     for a in arms:
         seeds = data[("main", a)]
-        cells = [f"{fmt([window(r, k, True) for _, r, _ in seeds])} → {fmt([window(r, k, False) for _, r, _ in seeds])}"
+        cells = [" → ".join(fmt([window(r, k, first) for _, r, _ in seeds]) for first in (True, False))
                  for k, _ in keys]
         secs = np.mean([r["time/epoch_s"] for _, rows, _ in seeds for r in rows if "time/epoch_s" in r])
         lines.append(f"| {a} | " + " | ".join(cells) + f" | {secs:.1f} |")
