@@ -104,9 +104,7 @@ def score(folder: str, first: dict, base_of: str = "") -> dict:
     the run logged already (its final row; row 0 for the base). Kept in FOLDER/eval_seeds.json."""
     path = os.path.join(folder, "eval_seeds.json")
     if not os.path.exists(path):
-        with open(os.path.join(base_of or folder, "args.json")) as f:
-            saved = json.load(f)
-        args = vgpo.Args(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(vgpo.Args)}})
+        args = recovery.resume_args(vgpo.Args, base_of or folder)  # the run's settings, as --resume reads them
         model = vgpo.load_model(args)
         if not base_of:
             harness.init_from(model, folder)
