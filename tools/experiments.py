@@ -119,11 +119,15 @@ def score(folder: str, first: dict, base_of: str = "") -> dict:
         return json.load(f)
 
 
+def distinct(runs: list[Run], opts) -> list[Run]:
+    """One run per folder, in plan order (a sensitivity run at the preset's values is a main-grid run)."""
+    return list({r.folder(opts.runs, opts.epochs): r for r in reversed(runs)}.values())[::-1]
+
+
 def execute(runs: list[Run], opts) -> None:
     """Run what is missing, in order (with --shard K/N, every N-th of them from the K-th), scoring each finished
     run under the three evaluation-noise seeds; stop starting new runs after --deadline (UTC HH:MM)."""
-    distinct = list({r.folder(opts.runs, opts.epochs): r for r in reversed(runs)}.values())[::-1]  # plan order
-    mine = distinct[opts.shard[0]::opts.shard[1]]  # a shard's share depends on the plan only, not on what is done
+    mine = distinct(runs, opts)[opts.shard[0]::opts.shard[1]]  # a shard's share: from the plan, not from what is done
     todo = [r for r in mine if not finished(r.folder(opts.runs, opts.epochs), opts.epochs)]
     print(f"{len(mine)} runs planned{' for this shard' if opts.shard[1] > 1 else ''}, {len(mine) - len(todo)} "
           f"already finished, {len(todo)} to run", flush=True)
@@ -361,17 +365,14 @@ def budget_line(opts) -> str:
 def summarise(runs: list[Run], opts) -> str:
     os.makedirs(opts.results, exist_ok=True)
     data = collect(runs, opts)
-    done = len({r.folder(opts.runs, opts.epochs) for r in runs if finished(r.folder(opts.runs, opts.epochs),
-                                                                         opts.epochs)})
-    planned = len({r.folder(opts.runs, opts.epochs) for r in runs})
+    folders = [r.folder(opts.runs, opts.epochs) for r in distinct(runs, opts)]
+    done = [f for f in folders if finished(f, opts.epochs)]
     base = None
-    if data:  # every run starts from the same base model: score it once, from the first finished run's settings
-        first = next(r.folder(opts.runs, opts.epochs) for r in runs if finished(r.folder(opts.runs, opts.epochs),
-                                                                               opts.epochs))
-        base = score(os.path.join(opts.runs, "base"), read_rows(first)[0], base_of=first)
+    if done:  # every run starts from the same base model: score it once, from the first finished run's settings
+        base = score(os.path.join(opts.runs, "base"), read_rows(done[0])[0], base_of=done[0])
     lines = ["# Experiments on the toy world (written by `python -m tools.experiments`)", "",
-             f"Budget: {budget_line(opts)}. {done} of {planned} planned runs finished. Held-out strict accuracy "
-             "(GenEval's mean over the six categories); 'final' averages the final policy's evaluations under "
+             f"Budget: {budget_line(opts)}. {len(done)} of {len(folders)} planned runs finished. Held-out strict "
+             "accuracy (GenEval's mean over the six categories); 'final' averages the final policy's evaluations under "
              "three evaluation-noise seeds, '@E' and 'best' use the first seed (the run's own evaluations; @0 is "
              "the base model). Mean ± standard error over training seeds; '− GRPO, same seeds' is the mean of "
              "the per-seed differences. Seconds per epoch: wall time at one thread, two runs sharing 2 CPU cores. "
