@@ -55,13 +55,8 @@ def arm_folder(arm: str, seed: int, reward: str = "shapes_strict") -> str:
     return os.path.join(ROOT, REGIMES[reward], f"{arm}-s{seed}")
 
 
-def rows_of(folder: str) -> list[dict]:
-    path = os.path.join(folder, "metrics.jsonl")
-    return [json.loads(ln) for ln in open(path)] if os.path.exists(path) else []
-
-
 def finished(folder: str, epochs: int) -> bool:
-    rows = rows_of(folder)
+    rows = experiments.read_rows(folder)
     done = os.path.exists(harness.policy_file(folder, tiny=True))
     return done and bool(rows) and rows[-1]["epoch"] == epochs
 
@@ -69,7 +64,7 @@ def finished(folder: str, epochs: int) -> bool:
 def score(folder: str) -> dict:
     """Held-out strict accuracy of a run's final weights under the three evaluation-noise seeds (kept in
     eval_seeds.json; 'start': the policy the continuations start from)."""
-    return experiments.score(folder, rows_of(folder)[-1])
+    return experiments.score(folder, experiments.read_rows(folder)[-1])
 
 
 def train_and_score(args: vgpo.Args) -> None:
@@ -200,7 +195,7 @@ def curve(rows: list[dict], offset: int = 0) -> dict:
 
 
 def summarise(opts) -> str:
-    base = {a: rows_of(base_folder(a)) for a in ("vgpo", "grpo")}
+    base = {a: experiments.read_rows(base_folder(a)) for a in ("vgpo", "grpo")}
     start = score(base_folder("vgpo")) if finished(base_folder("vgpo"), 80) else None
     data = {"base": {a: curve(r) for a, r in base.items() if r}, "start_accuracy": start and start["strict_accuracy"],
             "continued": {}, "final_accuracy": {}}
@@ -208,7 +203,7 @@ def summarise(opts) -> str:
     for reward in REGIMES:
         seeds = [s for s in range(opts.seeds) if all(finished(arm_folder(a, s, reward), opts.epochs) for a in ARMS)]
         if seeds:  # only seeds whose four arms all finished: the arms stay comparable
-            arms[reward] = {arm: [rows_of(arm_folder(arm, s, reward)) for s in seeds] for arm in ARMS}
+            arms[reward] = {arm: [experiments.read_rows(arm_folder(arm, s, reward)) for s in seeds] for arm in ARMS}
             data["continued"][reward] = {arm: [curve(r, offset=80) for r in runs] for arm, runs in arms[reward].items()}
             data["final_accuracy"][reward] = {arm: [score(arm_folder(arm, s, reward))["strict_accuracy"] for s in seeds]
                                               for arm in ARMS}
