@@ -502,10 +502,33 @@ def group_kind(rewards: torch.Tensor) -> str:
     return "all-solved" if rewards.mean().item() >= 0.5 else "all-failed"
 
 
-def epoch_metrics(r, values, weights, adv, group_ids, trained: int) -> dict:
+def preview_agreement(r: torch.Tensor) -> dict:
+    """How well each step's preview reward predicts the final one, over one rollout's instant rewards r (N, T):
+    'credit/preview_corr', corr(r_k, R) by step (None where r_k or R is constant), and on a 0/1 reward
+    'credit/preview_pass_solved' = P(R = 1 | r_k = 1), 'credit/preview_fail_solved' = P(R = 1 | r_k = 0) (None where
+    no preview passed / failed). Previews that carry no step information show as corr ≈ 0 early on."""
+    terminal = r[:, -1]  # (N,)
+
+    def corr(x):
+        if x.std() < 1e-8 or terminal.std() < 1e-8:  # undefined, not 0: nothing varies to agree on
+            return None
+        return torch.corrcoef(torch.stack([x, terminal]))[0, 1].item()
+
+    out = {"credit/preview_corr": [corr(r[:, k].float()) for k in range(r.shape[1])]}
+    if bool(((r == 0) | (r == 1)).all()):  # a 0/1 reward: the two conditional pass rates say more than a correlation
+        def solved(mask):
+            return terminal[mask].float().mean().item() if mask.any() else None
+
+        out["credit/preview_pass_solved"] = [solved(r[:, k] == 1) for k in range(r.shape[1])]
+        out["credit/preview_fail_solved"] = [solved(r[:, k] == 0) for k in range(r.shape[1])]
+    return out
+
+
+def epoch_metrics(r, values, weights, adv, group_ids, trained: int, previews: bool = False) -> dict:
     """The logged keys of one rollout of vgpo.train_epoch (README: logged metrics) from its instant rewards r,
     values, weights and advantages (N, T); per-step vectors are lists over k = 0…T−1, and `trained` = S, the
-    number of trained steps 0…S−1 (the others' advantages are never used)."""
+    number of trained steps 0…S−1 (the others' advantages are never used). `previews`: r holds scored previews,
+    whose agreement with the final reward is logged too (preview_agreement)."""
     terminal = r[:, -1]  # (N,)
     # frac_zero_std is the collapse meter: the share of groups where GRPO's advantage is exactly 0; the uniform
     # groups split into high (all solved, on a 0/1 reward) and low (all failed), which VGPO's anchor treats apart
@@ -524,7 +547,7 @@ def epoch_metrics(r, values, weights, adv, group_ids, trained: int) -> dict:
         "credit/weight": weights.mean(0).tolist(),
         "advantage/mean_abs": adv.abs().mean(0).tolist(),
         "advantage/trained_mean_abs": adv[:, :trained].abs().mean().item(),  # the signal the update sees
-    }
+    } | (preview_agreement(r) if previews else {})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -634,7 +657,8 @@ class RunFolder:
                          f"{', low memory' if args.low_memory else ''}")
         if args.algo == "vgpo":
             lines.append(f"γ = {args.gamma}, κ = {args.anchor_coef} on the first {args.anchor_steps} steps, "
-                         f"temporal values {'on' if args.temporal_values else 'off'}")
+                         f"temporal values {'on' if args.temporal_values else 'off'}"
+                         f"{'' if args.step_weights or not args.temporal_values else ', step weights off (ω ≡ 1)'}")
         lines += [*notes, f"outputs: {self.path}"]
         width = max(len(s) for s in lines)
         print("┌" + "─" * (width + 2) + "┐\n" + "\n".join(f"│ {s:<{width}} │" for s in lines) + "\n└"
@@ -710,13 +734,15 @@ def save_grid(images, prompts, rows, path) -> None:
 
 def plot_curves(history: list[dict], path: str, trained_steps: int = 0) -> None:
     """curves.png: reward and held-out accuracy by epoch; per-step credit and mean |Â| of the last epoch, the
-    trained steps 0…trained_steps−1 shaded (only their advantages reach the update)."""
+    trained steps 0…trained_steps−1 shaded (only their advantages reach the update); with previews, how well each
+    step's preview predicted the final reward, over the first and the last 10 epochs."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed: CI machines and remote GPUs have none
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(2, 2, figsize=(12, 7.5))
+    ax = ax.flatten()
     trained = [r for r in history if "reward/mean" in r]
     evals = [r for r in history if "eval/score" in r]
     ax[0].plot([r["epoch"] for r in trained], [r["reward/mean"] for r in trained], label="train reward (terminal)")
@@ -738,6 +764,19 @@ def plot_curves(history: list[dict], path: str, trained_steps: int = 0) -> None:
             a.axvspan(-0.5, trained_steps - 0.5, color="tab:blue", alpha=0.08, lw=0)
         ax[2].set(xlabel=f"step k (shaded: trained, 0…{trained_steps - 1}; grey bars reach no update)",
                   title="mean |advantage| by step")
+    scored = [r for r in trained if "credit/preview_corr" in r]
+    if scored:  # one epoch's correlation is noisy: a mean over 10 epochs at each end of the run
+        for part in ((scored[:10], scored[-10:]) if len(scored) > 10 else (scored,)):
+            by_step = zip(*[r["credit/preview_corr"] for r in part])  # a step whose r_k never varied is left out
+            means = [np.mean([v for v in vs if v is not None]) if any(v is not None for v in vs) else np.nan
+                     for vs in by_step]
+            ax[3].plot(means, "o-", label=f"epochs {part[0]['epoch']}–{part[-1]['epoch']}")
+        ax[3].axvspan(-0.5, trained_steps - 0.5, color="tab:blue", alpha=0.08, lw=0)
+        ax[3].set(xlabel="step k (shaded: trained)", ylabel="corr(r_k, R)", ylim=(-0.1, 1.05),
+                  title="preview agreement: how well r_k predicts the final reward")
+        ax[3].legend()
+    else:
+        ax[3].axis("off")  # GRPO and --no-temporal-values score no previews
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -484,6 +484,52 @@ def test_uniform_group_metrics_by_hand():
     assert row["reward/frac_all_solved"] == pytest.approx(1 / 5)
 
 
+def test_preview_agreement_by_hand():
+    """credit/preview_corr is corr(r_k, R) by step over the epoch's trajectories (None where r_k or R never varies);
+    on a 0/1 reward preview_pass_solved / preview_fail_solved are P(R = 1 | r_k = 1) / P(R = 1 | r_k = 0) (None
+    where no preview passed / failed); a continuous reward logs the correlation only; GRPO's rows (no previews) none."""
+    r = torch.tensor([[0.0, 1, 1, 1],  # step 0 never passes; step 1 passes on 4 of 6, 3 of them solved
+                      [0.0, 1, 1, 1],
+                      [0.0, 1, 0, 0],
+                      [0.0, 0, 0, 0],
+                      [0.0, 1, 1, 1],
+                      [0.0, 0, 0, 0]])
+    group_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    row = harness.epoch_metrics(r, r, torch.ones(6, 4), torch.zeros(6, 4), group_ids, trained=3, previews=True)
+    # step 1: r = 1,1,1,0,1,0 against R = 1,1,0,0,1,0: Pearson by hand, means 2/3 and 1/2
+    dr, dR = np.array([1, 1, 1, 0, 1, 0]) - 2 / 3, np.array([1, 1, 0, 0, 1, 0]) - 0.5
+    want = (dr * dR).sum() / np.sqrt((dr**2).sum() * (dR**2).sum())  # = 1/√2
+    assert row["credit/preview_corr"][0] is None
+    assert row["credit/preview_corr"][1] == pytest.approx(want) and want == pytest.approx(0.5**0.5)
+    assert row["credit/preview_corr"][2:] == pytest.approx([1.0, 1.0])
+    assert row["credit/preview_pass_solved"] == [None, pytest.approx(3 / 4), 1.0, 1.0]
+    assert row["credit/preview_fail_solved"] == [pytest.approx(3 / 6), 0.0, 0.0, 0.0]
+    soft = r * 0.5 + 0.1 * torch.arange(6.0)[:, None]  # not 0/1: the correlation alone
+    row = harness.epoch_metrics(soft, soft, torch.ones(6, 4), torch.zeros(6, 4), group_ids, trained=3, previews=True)
+    assert "credit/preview_pass_solved" not in row
+    assert row["credit/preview_corr"][1] == pytest.approx(np.corrcoef(soft[:, 1], soft[:, 3])[0, 1], abs=1e-6)
+    row = harness.epoch_metrics(r, r, torch.ones(6, 4), torch.zeros(6, 4), group_ids, trained=3)
+    assert not [k for k in row if k.startswith("credit/preview")]
+
+
+def test_no_step_weights_changes_only_omega():
+    """--no-step-weights: the same instant rewards and values, ω ≡ 1, and VGPO's Â divided by ω (where no clip
+    bites); without temporal values (where ω is already 1) it changes nothing."""
+    g = torch.Generator().manual_seed(4)
+    N, T = 16, 6
+    r = (torch.rand(N, T, generator=g) > 0.5).float()
+    groups = torch.arange(4).repeat_interleave(4)
+    args = vgpo.make_args(model="tiny", num_steps=T, adv_clip_max=1e3)
+    values, weights, adv = vgpo.credit(r, groups, args)
+    values_off, weights_off, adv_off = vgpo.credit(r, groups, dataclasses.replace(args, step_weights=False))
+    assert torch.equal(values_off, values) and torch.equal(weights_off, torch.ones(N, T))
+    assert not torch.equal(weights, weights_off)
+    torch.testing.assert_close(adv, weights * adv_off)
+    plain = dataclasses.replace(args, temporal_values=False)
+    for a, b in zip(vgpo.credit(r, groups, plain), vgpo.credit(r, groups, dataclasses.replace(plain, step_weights=False))):
+        assert torch.equal(a, b)
+
+
 def test_vgpo_reduces_to_grpo_without_anchor_weights_and_instant_rewards():
     """κ = 0, ω ≡ 1 and terminal-only rewards: VGPO's advantage is GRPO's (exactly for γ = 1)."""
     g = torch.Generator().manual_seed(1)
@@ -815,12 +861,12 @@ def _normalised_by_group(x, group_ids):
 
 
 def test_vgpo_ablations_and_grpo_run(tmp_path, prompt_file, monkeypatch):
-    """--algo grpo, --no-temporal-values and --anchor-coef 0 each train (every trainable weight moves) with the
-    credit its setting defines, recomputed here from the epoch's own rewards r: GRPO scores the final image only
-    and gives every step (R − group mean)/(group std + 1e-4) (the tiny preset's 'group' scaling); without temporal
-    values only the final image is scored, ω ≡ 1 and Â_k = norm(γ^{T−1−k}·R) + κ·R on the anchored steps; with
-    κ = 0 the previews are scored and Â = ω·norm(Q) with Q_k = r_k + γ·Q_{k+1} and ω = Q/mean(Q) (1 where Q ≡ 0),
-    0 for a uniform group (norm: group-normalised as GRPO's)."""
+    """--algo grpo, --no-temporal-values, --anchor-coef 0 and --no-step-weights each train (every trainable weight
+    moves) with the credit its setting defines, recomputed here from the epoch's own rewards r: GRPO scores the
+    final image only and gives every step (R − group mean)/(group std + 1e-4) (the tiny preset's 'group' scaling);
+    without temporal values only the final image is scored, ω ≡ 1 and Â_k = norm(γ^{T−1−k}·R) + κ·R on the anchored
+    steps; with κ = 0 the previews are scored and Â = ω·norm(Q) with Q_k = r_k + γ·Q_{k+1} and ω = Q/mean(Q) (1
+    where Q ≡ 0; ω ≡ 1 with --no-step-weights), 0 for a uniform group (norm: group-normalised as GRPO's)."""
     from safetensors.torch import load_file
 
     base = {k: p.detach().clone() for k, p in shapes.load(shapes.CHECKPOINT)["transformer"].named_parameters()
@@ -834,7 +880,7 @@ def test_vgpo_ablations_and_grpo_run(tmp_path, prompt_file, monkeypatch):
 
     monkeypatch.setattr(vgpo, "credit", recording_credit)
     for name, extra in [("grpo", dict(algo="grpo")), ("notv", dict(temporal_values=False)),
-                        ("noanchor", dict(anchor_coef=0.0))]:
+                        ("noanchor", dict(anchor_coef=0.0)), ("noweights", dict(anchor_coef=0.0, step_weights=False))]:
         args = vgpo.make_args(model="tiny", prompts=prompt_file, output_dir=str(tmp_path / name), **{**SMALL, **extra})
         row = vgpo.train(args)[-1]
         trained = load_file(str(tmp_path / name / "transformer.safetensors"))
@@ -857,6 +903,9 @@ def test_vgpo_ablations_and_grpo_run(tmp_path, prompt_file, monkeypatch):
                 q[:, k] = r[:, k] + gamma * q[:, k + 1]
             mean_q = q.mean(1, keepdim=True)
             omega = torch.where(mean_q > 0, q / mean_q.clamp_min(1e-12), 1.0)  # 1 for a trajectory without reward
+            if name == "noweights":  # --no-step-weights: the same values, ω ≡ 1
+                assert (weights == 1).all()
+                omega = torch.ones_like(q)
             want = omega.double() * _normalised_by_group(q, group_ids)
         clip = args.adv_clip_max
         torch.testing.assert_close(adv.double(), want.clamp(-clip, clip), atol=1e-4, rtol=1e-4)

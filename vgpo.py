@@ -67,6 +67,7 @@ class Args:
     anchor_coef: float = _f(1.0, "κ, weight of the absolute term κ·Q̄_k (Eqs. 12–13, reading 4); 0: off")
     anchor_steps: int = _f(5, "the absolute term is on for steps k < this")
     temporal_values: bool = _f(True, "instant rewards and step weights; off: terminal reward, ω ≡ 1 (reading 6)")
+    step_weights: bool = _f(True, "ω_k of Eq. 11; off: ω ≡ 1, the previews' values kept (an ablation)")
     scale_rewards: str = _f("auto", "÷ the std of the 'group', 'batch' or 'none'; auto: GRPO batch, VGPO group")
     adv_clip_max: float = _f(5.0, "advantages are clipped to ±this (reading 5)")
     clip_range: float = _f(1e-4, "ε, ratio clip of the loss (small: log π is a mean over dimensions)")
@@ -358,7 +359,8 @@ def credit(r: torch.Tensor, group_ids: torch.Tensor, args: Args):
     instant rewards r (N, T). GRPO's 'values' are the terminal reward and its weights 1."""
     if args.algo == "vgpo":
         values = temporal_values(r, args.gamma)  # Eq. 10
-        weights = step_weights(values) if args.temporal_values else torch.ones_like(values)  # Eq. 11; reading 6
+        weighted = args.temporal_values and args.step_weights  # reading 6; --no-step-weights: ω ≡ 1 alone
+        weights = step_weights(values) if weighted else torch.ones_like(values)  # Eq. 11
         rewarded = None if args.temporal_values else torch.arange(r.shape[1], device=r.device) == r.shape[1] - 1
         adv = vgpo_advantages(values, group_ids, args.gamma, args.anchor_coef, args.anchor_steps,
                               args.adv_clip_max, weights=weights, rewarded=rewarded,
@@ -456,9 +458,11 @@ def update(model: Model, traj: Trajectories, advantages, optimizer, args: Args, 
 
 
 # ======================================= §5  One epoch, and evaluation ============================================
-def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, epoch: int, guard=None) -> dict:
+def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, epoch: int, guard=None,
+                credit_fn=None) -> dict:
     """One epoch on the P `chosen` (prompt, metadata) pairs: rollout → rewards → credit → update. Each group's
-    noise and shuffle are keyed by (seed, epoch, group); `guard` (a NanGuard) counts NaN/inf batches skipped."""
+    noise and shuffle are keyed by (seed, epoch, group); `guard` (a NanGuard) counts NaN/inf batches skipped.
+    `credit_fn(model, traj, metadata, r, group_ids, epoch)`, if given, replaces `credit` (an experiment's rule)."""
     guard = guard if guard is not None else recovery.NanGuard(args.nan_patience)
     guard.skipped = 0
     # --- sample: P prompts × G trajectories with their old log-probs and previews ---
@@ -481,11 +485,12 @@ def train_epoch(model: Model, chosen: list, args: Args, reward_fn, optimizer, ep
     r, group_ids = distributed.gather(r), distributed.gather(traj.group_ids + groups.start)
     t2 = time.time()
     # --- credit: per-step values and advantages (VGPO) or one advantage for all steps (GRPO) ---
-    values, weights, adv = credit(r, group_ids, args)  # Eqs. 10–13, on the whole batch
+    values, weights, adv = credit(r, group_ids, args) if credit_fn is None else \
+        credit_fn(model, traj, metadata, r, group_ids, epoch)  # Eqs. 10–13, on the whole batch
     t3 = time.time()
     # --- learn: clipped policy gradient over the rollout (this process's rows of the batch) ---
     stats = update(model, traj, adv[groups.start * G : groups.stop * G], optimizer, args, shuffle, guard)
-    metrics = harness.epoch_metrics(r, values, weights, adv, group_ids, S)  # plumbing: the logged keys (README)
+    metrics = harness.epoch_metrics(r, values, weights, adv, group_ids, S, use_previews)  # plumbing: logged keys
     return {**metrics, **stats, "guard/skipped_batches": guard.skipped,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": time.time() - t3,
             "time/epoch_s": time.time() - t0}
@@ -520,9 +525,10 @@ def evaluate(model: Model, args: Args, reward_fn=None, eval_set=None, run=None, 
 
 
 # ======================================= §6  Training: the whole method, epoch after epoch =========================
-def train(args: Args) -> list[dict]:
+def train(args: Args, credit_fn=None) -> list[dict]:
     """Per epoch: rollout → rewards → values → advantages → update. Returns the metric rows, one per epoch
-    (row 0: the base model). With `args.resume` it continues that run from its last good checkpoint."""
+    (row 0: the base model). With `args.resume` it continues that run from its last good checkpoint.
+    `credit_fn`: replaces `credit` in every epoch (train_epoch; tools.credit's oracle)."""
     # --- set-up: everything that can fail on bad input fails here, with one line, before the first rollout ---
     harness.validate(args)  # plumbing: ranges, files, batch arithmetic
     distributed.start(harness.resolve_device(args))  # plumbing: torchrun: join the other processes
@@ -556,7 +562,7 @@ def train(args: Args) -> list[dict]:
     with recovery.StopSignals() as stop:  # plumbing: Ctrl-C / SIGTERM finish the epoch, then save a checkpoint
         for epoch in range(history[-1]["epoch"] + 1, args.epochs + 1):
             chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
-            row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, epoch, guard)}
+            row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, epoch, guard, credit_fn)}
             if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
                 with ema.applied():  # Flow-GRPO evaluates the EMA of the weights (the weights if it is off)
                     row.update(evaluate(model, args, reward_fn, eval_set, run, epoch=epoch))

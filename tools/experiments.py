@@ -1,17 +1,20 @@
-"""The seeded experiments on the toy world (logged in results/RESULTS.md): VGPO against GRPO and VGPO's two halves,
-and VGPO's sensitivity to κ, anchor_steps and γ. Every run is an ordinary `vgpo.train` run in its own folder; this
-script plans them, runs the missing ones, scores each final policy under three evaluation-noise seeds, and
-summarises the folders into results/experiments.md, main.png and sensitivity.png.
+"""The seeded experiments on the toy world (logged in results/RESULTS.md): VGPO against GRPO, VGPO's two halves and
+its step weights, an oracle's per-step credit, and VGPO's sensitivity to κ, anchor_steps and γ. Every run is a
+`vgpo.train` run in its own folder; this script plans them, runs the missing ones, scores each final policy under
+three evaluation-noise seeds, and summarises them into results/experiments.md, main.png and sensitivity.png.
 
-    python -m tools.experiments run                      # the full plan: 30 runs, ≈ 4 h in one process
-    python -m tools.experiments run --shard 0/2 &  python -m tools.experiments run --shard 1/2   # ≈ 2 h 10 min
+    python -m tools.experiments run --shard 0/2 &  python -m tools.experiments run --shard 1/2   # the full plan
     python -m tools.experiments summarise                # tables and plots only
     python -m tools.experiments run --epochs 10 --seeds 2 --eval-every 5 --only main   # a smaller budget
     python -m tools.experiments snr                      # signal-to-noise of one rollout's policy gradient
 
 Groups (`--only`):
-    main         GRPO, VGPO, temporal-only (VGPO with --anchor-coef 0) and anchor-only (VGPO with
-                 --no-temporal-values), `--seeds` seeds each (default 5), the same budget
+    main         GRPO, VGPO, temporal-only (VGPO with --anchor-coef 0), anchor-only (VGPO with --no-temporal-values)
+                 and VGPO without step weights (--no-step-weights: ω ≡ 1, previews kept), `--seeds` seeds each
+                 (default 5), the same budget
+    oracle       per-step credit from the truth: Â_k = the group-normalised A*_k = V(x_{k+1}) − V(x_k), V by
+                 `--continuations` branching continuations (tools.credit), trained by vgpo's own update;
+                 `--oracle-seeds` seeds (default 3)
     sensitivity  VGPO with one of anchor_steps, κ (anchor_coef), γ changed; `--sensitivity-seeds` seeds (default 2)
 Defaults (epochs, eval_every, every hyperparameter) come from vgpo.make_args(model="tiny"): the toy preset.
 (Reward-diversity depletion, the strict reward's uniform groups, is tools.collapse's subject.)
@@ -19,7 +22,8 @@ Defaults (epochs, eval_every, every hyperparameter) come from vgpo.make_args(mod
 A run whose folder holds a finished metrics.jsonl (its last row is the final, evaluated epoch) is skipped;
 an interrupted one with a checkpoint is resumed (vgpo's --resume), one without is started again. So the
 plan can be run in pieces (`--only`, `--deadline`, `--shard`) and summarised at any time. Runs go to
-runs/experiments/ (not committed); the table and plots to results/ (committed).
+runs/experiments/ (not committed); the table and plots to results/ (committed), with every finished run's logged
+curves and scores in results/experiments-runs.json, from which `summarise` works where a run folder is absent.
 """
 from __future__ import annotations
 
@@ -45,12 +49,17 @@ VARIANTS = {  # name → the settings it changes from the toy preset
     "vgpo": dict(),
     "temporal-only": dict(anchor_coef=0.0),  # per-step values and weights, no absolute term
     "anchor-only": dict(temporal_values=False),  # terminal reward only, ω ≡ 1, with the absolute term
+    "no-step-weights": dict(step_weights=False),  # previews, values and anchor as VGPO's, ω ≡ 1
 }
+# The oracle arm: rollouts without previews (as GRPO's), the credit replaced by tools.credit.Oracle
+ORACLE = dict(algo="grpo")
 # Sensitivity: one setting changed at a time around the preset's value (the preset's own point is the
 # main grid's VGPO run, reused, as is its temporal-only run for κ = 0). The preset's anchor_steps (5) covers all 4
 # trained steps, so 2 anchors the early half of them only.
 SENSITIVITY = {"anchor_steps": [2], "anchor_coef": [0.0, 0.3, 3.0], "gamma": [0.5, 1.0]}
-COLORS = {"grpo": "tab:red", "vgpo": "tab:blue", "temporal-only": "tab:green", "anchor-only": "tab:purple"}
+COLORS = {"grpo": "tab:red", "vgpo": "tab:blue", "temporal-only": "tab:green", "anchor-only": "tab:purple",
+          "no-step-weights": "tab:orange", "oracle": "black"}
+ARCHIVE = "experiments-runs.json"  # in --results: every finished run's slimmed rows and scores, by folder name
 
 
 @dataclasses.dataclass
@@ -59,19 +68,24 @@ class Run:
     label: str  # what the table calls it
     seed: int
     overrides: dict
+    oracle: int = 0  # > 0: an oracle run, its credit from this many continuations per state
 
     def folder(self, root: str, epochs: int) -> str:
+        if self.oracle:
+            return os.path.join(root, f"oracle-m{self.oracle}-e{epochs}-s{self.seed}")
         # named by what it changes, so two groups asking for the same settings share one run
         tag = "-".join(f"{k}={v}" for k, v in sorted(self.overrides.items()) if k != "algo")
         algo = self.overrides.get("algo", "vgpo")
         return os.path.join(root, f"{algo}{'-' + tag if tag else ''}-e{epochs}-s{self.seed}")
 
 
-def plan(only, seeds: int, sensitivity_seeds: int) -> list[Run]:
+def plan(only, seeds: int, sensitivity_seeds: int, oracle_seeds: int = 3, continuations: int = 3) -> list[Run]:
     """Every run of the chosen groups, seed-major so that a plan cut short has balanced variants."""
     runs = []
     if "main" in only:
         runs += [Run("main", name, s, o) for s in range(seeds) for name, o in VARIANTS.items()]
+    if "oracle" in only:
+        runs += [Run("oracle", "oracle", s, ORACLE, oracle=continuations) for s in range(oracle_seeds)]
     if "sensitivity" in only:
         for s in range(sensitivity_seeds):
             runs.append(Run("sensitivity", "vgpo", s, {}))
@@ -142,9 +156,15 @@ def execute(runs: list[Run], opts) -> None:
         elif os.path.exists(folder):  # started but nothing to continue from: start again
             shutil.rmtree(folder)
         print(f"\n=== [{i + 1}/{len(todo)}] {run.group}: {run.label}, seed {run.seed} → {folder}", flush=True)
-        t0 = time.time()
-        vgpo.train(args)
-        print(f"=== done in {(time.time() - t0) / 60:.1f} min", flush=True)
+        t0, c0 = time.time(), time.process_time()
+        if run.oracle:
+            from tools import credit
+
+            vgpo.train(args, credit_fn=credit.Oracle(args, run.oracle))
+        else:
+            vgpo.train(args)
+        print(f"=== done in {(time.time() - t0) / 60:.1f} min ({(time.process_time() - c0) / 60:.1f} CPU min)",
+              flush=True)
         shutil.rmtree(os.path.join(folder, "checkpoints"), ignore_errors=True)  # 45 MB each; the run is complete
         score(folder, read_rows(folder)[-1])
         if opts.shard[1] == 1:  # one process: tables and plots are current after every run
@@ -156,15 +176,43 @@ def execute(runs: list[Run], opts) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def collect(runs: list[Run], opts) -> dict:
-    """{(group, label): [(metric rows, eval_seeds score) of each finished seed, by seed]}; unfinished runs are left
-    out (and counted)."""
+# What the summaries read of a run's rows: kept in the archive, rounded (the tables quote 3 decimals)
+KEPT = ("epoch", "eval/", "reward/mean", "reward/frac_all_solved", "reward/frac_all_failed", "advantage/frac_nonzero",
+        "time/epoch_s", "credit/preview_corr")
+
+
+def slim(rows: list[dict]) -> list[dict]:
+    def rnd(v):
+        return [rnd(x) for x in v] if isinstance(v, list) else round(v, 6) if isinstance(v, float) else v
+
+    return [{k: rnd(v) for k, v in r.items() if k.startswith(KEPT)} for r in rows]
+
+
+def load_archive(opts) -> dict:
+    path = os.path.join(opts.results, ARCHIVE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def record(folder: str, opts, archive: dict):
+    """(slimmed rows, score) of a finished run: from its folder, else from the archive; None if neither has it."""
+    if finished(folder, opts.epochs):
+        rows = read_rows(folder)
+        archive[os.path.basename(folder)] = {"rows": slim(rows), "score": score(folder, rows[-1])}
+    entry = archive.get(os.path.basename(folder))
+    return (entry["rows"], entry["score"]) if entry else None
+
+
+def collect(runs: list[Run], opts, archive: dict) -> dict:
+    """{(group, label): [(seed, slimmed metric rows, eval_seeds score) of each finished seed, by seed]}, from the run
+    folders or the archive (which this updates with every finished folder); unfinished runs are left out."""
     out = {}
     for r in sorted(runs, key=lambda r: r.seed):
-        folder = r.folder(opts.runs, opts.epochs)
-        if finished(folder, opts.epochs):
-            rows = read_rows(folder)
-            out.setdefault((r.group, r.label), []).append((r.seed, rows, score(folder, rows[-1])))
+        got = record(r.folder(opts.runs, opts.epochs), opts, archive)
+        if got:
+            out.setdefault((r.group, r.label), []).append((r.seed, *got))
     return out
 
 
@@ -179,13 +227,21 @@ def fmt(values) -> str:
     return f"{m:.3f} ± {se:.3f}" if len(values) > 1 else f"{m:.3f}"
 
 
-def curve(seeds: list, key: str, smooth: int = 1):
+def fmt_defined(values) -> str:
+    """fmt over the values that are not NaN ('undefined' if none is)."""
+    v = [x for x in values if not np.isnan(x)]
+    return fmt(v) if v else "undefined"
+
+
+def curve(seeds: list, key: str, smooth: int = 1, step: int | None = None):
     """(epochs, mean over seeds, s.e. over seeds) of `key` at the epochs every seed logged it; `smooth` > 1: a
-    trailing running mean over that many epochs first (training metrics are noisy epoch to epoch)."""
+    trailing running mean over that many epochs first (training metrics are noisy epoch to epoch); `step`: of the
+    per-step vector `key`, that step's entry, where defined."""
     per_seed = []
     for _, rows, _ in seeds:
-        e = np.array([r["epoch"] for r in rows if key in r])
-        v = np.array([float(r[key]) for r in rows if key in r])
+        rows = [r for r in rows if key in r and (step is None or r[key][step] is not None)]
+        e = np.array([r["epoch"] for r in rows])
+        v = np.array([float(r[key] if step is None else r[key][step]) for r in rows])
         if smooth > 1 and len(v) >= smooth:
             v = np.convolve(v, np.ones(smooth) / smooth, mode="valid")
             e = e[smooth - 1:]
@@ -208,39 +264,58 @@ HALVES = {"temporal values (ω and previews)": (("temporal-only", "grpo"), ("vgp
           "the anchor (κ·Q̄)": (("anchor-only", "grpo"), ("vgpo", "temporal-only"))}
 
 
+FOUR = ("grpo", "vgpo", "temporal-only", "anchor-only")  # the arms of the 2 × 2
+
+
 def halves(final: dict) -> dict:
     """{half: (per-seed effect with the other half off, with it on)} from {arm: {seed: final accuracy}}, over the
-    seeds every arm has; 'seeds': those seeds."""
-    seeds = sorted(set.intersection(*[set(final[a]) for a in VARIANTS]))
+    seeds every arm of the 2 × 2 has; 'seeds': those seeds."""
+    seeds = sorted(set.intersection(*[set(final[a]) for a in FOUR]))
     out = {name: tuple([final[x][s] - final[y][s] for s in seeds] for x, y in pairs) for name, pairs in HALVES.items()}
     return out | {"seeds": seeds}
 
 
+def arms_of(data: dict) -> dict:
+    """{arm: its finished seeds} for the main grid's arms and the oracle, in the tables' order."""
+    return {a: data[(g, a)] for g, a in [("main", a) for a in VARIANTS] + [("oracle", "oracle")] if (g, a) in data}
+
+
+def paired(final: dict, a: str, ref: str) -> list[float]:
+    """Per-seed differences a − ref of the final accuracy, over the seeds both have."""
+    return [final[a][s] - final[ref][s] for s in sorted(final[a]) if ref in final and s in final[ref]]
+
+
 def main_tables(data: dict, opts, base: dict | None) -> list[str]:
-    arms = [a for a in VARIANTS if ("main", a) in data]
+    by_arm = arms_of(data)
+    arms = list(by_arm)
     if not arms:
         return ["_no finished runs of the main grid for this budget yet_", ""]
-    final = {a: {s: sc["strict_accuracy"] for s, _, sc in data[("main", a)]} for a in arms}
+    final = {a: {s: sc["strict_accuracy"] for s, _, sc in by_arm[a]} for a in arms}
     ref = "grpo" if "grpo" in arms else None
-    ref_final = curve(data[("main", ref)], "eval/strict_accuracy")[1][-1] if ref else None
-    epochs = curve(data[("main", arms[0])], "eval/strict_accuracy")[0]
-    head = ["arm", "seeds", "final (3 noise seeds)", "− GRPO, same seeds", "best evaluation",
+    ref_final = curve(by_arm[ref], "eval/strict_accuracy")[1][-1] if ref else None
+    epochs = curve(by_arm[arms[0]], "eval/strict_accuracy")[0]
+    head = ["arm", "seeds", "final (3 noise seeds)", "− GRPO, same seeds", "− VGPO, same seeds", "best evaluation",
             *[f"@{int(e)}" for e in epochs], "epochs to GRPO's final", "below the base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in arms:
-        seeds = data[("main", a)]
-        diffs = [final[a][s] - final[ref][s] for s in final[a] if ref and s in final[ref]]
+        seeds = by_arm[a]
+        d_grpo, d_vgpo = paired(final, a, "grpo"), paired(final, a, "vgpo")
         best = [max(r["eval/strict_accuracy"] for r in rows if "eval/strict_accuracy" in r) for _, rows, _ in seeds]
         e, m, se = curve(seeds, "eval/strict_accuracy")
         hit = [int(ei) for ei, mi in zip(e, m) if ei > 0 and ref_final is not None and mi >= ref_final - 1e-9]
         below = sum(v < base["strict_accuracy"] for v in final[a].values()) if base else "?"
         lines.append("| " + " | ".join([
             a, str(len(seeds)), f"**{fmt(list(final[a].values()))}**",
-            fmt(diffs) if diffs and a != ref else "", fmt(best),
+            fmt(d_grpo) if d_grpo and a != "grpo" else "", fmt(d_vgpo) if d_vgpo and a != "vgpo" else "", fmt(best),
             *[f"{mi:.3f} ± {si:.3f}" for mi, si in zip(m, se)],
             (str(hit[0]) if hit else f"not by {int(e[-1])}") if ref_final is not None else "",
             f"{below} of {len(seeds)}"]) + " |")
-    if set(VARIANTS) <= set(arms):
+    most = max(len(final[a]) for a in arms)
+    lines += ["", "Final accuracy by training seed (3 noise seeds each):", "",
+              "| arm | " + " | ".join(f"seed {s}" for s in range(most)) + " |", "|" + "---|" * (most + 1)]
+    for a in arms:
+        lines.append(f"| {a} | " + " | ".join(f"{final[a][s]:.3f}" if s in final[a] else "" for s in range(most)) + " |")
+    if set(FOUR) <= set(arms):
         effects = halves(final)
         lines += ["", f"The four arms as a 2 × 2 design (final accuracy, paired by seed, {len(effects['seeds'])} "
                   "seeds): what each half adds with the other half off, with it on, and the average.", "",
@@ -255,20 +330,38 @@ def main_tables(data: dict, opts, base: dict | None) -> list[str]:
             ("reward/frac_all_failed", "all-failed groups"), ("advantage/frac_nonzero", "trajectories with Â ≠ 0")]
     lines += ["| arm | " + " | ".join(t for _, t in keys) + " | s / epoch |", "|" + "---|" * (len(keys) + 2)]
     for a in arms:
-        seeds = data[("main", a)]
+        seeds = by_arm[a]
         cells = [" → ".join(fmt([window(r, k, first) for _, r, _ in seeds]) for first in (True, False))
                  for k, _ in keys]
         secs = np.mean([r["time/epoch_s"] for _, rows, _ in seeds for r in rows if "time/epoch_s" in r])
         lines.append(f"| {a} | " + " | ".join(cells) + f" | {secs:.1f} |")
-    cats = [c for c in shapes.CATEGORIES if f"strict/{c}" in data[("main", arms[0])][0][2]]  # those held out
+    cats = [c for c in shapes.CATEGORIES if f"strict/{c}" in by_arm[arms[0]][0][2]]  # those held out
     lines += ["", "By category, final (3 noise seeds; mean ± s.e. over seeds):", "",
               "| arm | " + " | ".join(c.replace("_", " ") for c in cats) + " |", "|" + "---|" * (len(cats) + 1)]
     if base:
         lines.append("| base | " + " | ".join(f"{base[f'strict/{c}']:.3f}" for c in cats) + " |")
     for a in arms:
-        seeds = data[("main", a)]
+        seeds = by_arm[a]
         lines.append(f"| {a} | " + " | ".join(fmt([sc[f"strict/{c}"] for _, _, sc in seeds]) for c in cats) + " |")
+    scoring = [a for a in arms if any("credit/preview_corr" in r for _, rows, _ in by_arm[a] for r in rows)]
+    if scoring:  # the arms that score previews: does a preview's agreement with the final reward change in training?
+        preset = vgpo.make_args(model="tiny", **opts.set)
+        trained = vgpo.sde_window(preset.num_steps, preset.sde_steps)
+        lines += ["", "Preview agreement, corr(r_k, R) over each epoch's trajectories, at the trained steps "
+                  "(epochs 1–10 → the last 10; mean ± s.e. over seeds; 'undefined' where r_k never varied):", "",
+                  "| arm | " + " | ".join(f"step {k}" for k in range(trained)) + " |", "|" + "---|" * (trained + 1)]
+        for a in scoring:
+            cells = [" → ".join(fmt_defined([preview_window(rows, k, first) for _, rows, _ in by_arm[a]])
+                                for first in (True, False)) for k in range(trained)]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def preview_window(rows: list[dict], k: int, first: bool, n: int = 10) -> float:
+    """Mean of corr(r_k, R) over a run's first (or last) n trained epochs where it is defined."""
+    v = [r["credit/preview_corr"][k] for r in rows if "credit/preview_corr" in r]
+    v = [x for x in (v[:n] if first else v[-n:]) if x is not None]
+    return float(np.mean(v)) if v else float("nan")
 
 
 def sensitivity_table(data: dict, opts) -> list[str]:
@@ -301,34 +394,47 @@ def plots(data: dict, opts, base: dict | None) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    arms = [a for a in VARIANTS if ("main", a) in data]
-    if arms:
-        panels = [("eval/strict_accuracy", "held-out strict accuracy (×: final, 3 noise seeds)", 1),
-                  ("reward/mean", "training reward (5-epoch mean)", 5),
-                  ("reward/frac_all_solved", "all-solved groups (5-epoch mean)", 5),
-                  ("reward/frac_all_failed", "all-failed groups (5-epoch mean)", 5),
-                  ("advantage/frac_nonzero", "trajectories with Â ≠ 0 (5-epoch mean)", 5)]
-        fig, ax = plt.subplots(1, len(panels), figsize=(20, 3.7))
-        for i, a in enumerate(arms):
-            seeds, c = data[("main", a)], COLORS.get(a)
-            for axis, (key, _, smooth) in zip(ax, panels):
+    by_arm = arms_of(data)
+    if by_arm:
+        panels = [("eval/strict_accuracy", "held-out strict accuracy", "×: final, 3 noise seeds", 1),
+                  ("reward/mean", "training reward", "5-epoch mean", 5),
+                  ("reward/frac_all_solved", "share of all-solved groups", "5-epoch mean", 5),
+                  ("reward/frac_all_failed", "share of all-failed groups", "5-epoch mean", 5),
+                  ("advantage/frac_nonzero", "share of trajectories with Â ≠ 0", "5-epoch mean", 5)]
+        fig, ax = plt.subplots(2, 3, figsize=(10, 6.4))
+        ax = ax.flatten()
+        for i, (a, seeds) in enumerate(by_arm.items()):
+            c = COLORS.get(a)
+            for axis, (key, _, _, smooth) in zip(ax, panels):
                 e, m, se = curve(seeds, key, smooth)
-                axis.plot(e, m, "o-" if smooth == 1 else "-", color=c, ms=4, label=f"{a} (n = {len(seeds)})")
-                axis.fill_between(e, m - se, m + se, color=c, alpha=0.15)
+                axis.plot(e, m, "o-" if smooth == 1 else "-", color=c, ms=3, lw=1.2, label=f"{a} (n = {len(seeds)})")
+                axis.fill_between(e, m - se, m + se, color=c, alpha=0.15, lw=0)
             fm, fse = mean_se([sc["strict_accuracy"] for _, _, sc in seeds])
-            ax[0].errorbar([opts.epochs * (1.03 + 0.02 * i)], [fm], yerr=[fse], fmt="x", color=c, capsize=3)
-        for axis, (_, title, _) in zip(ax, panels):
-            axis.set(xlabel="epoch", title=title)
-        ax[0].legend(fontsize=8)
-        fig.suptitle(f"mean ± s.e. over seeds; {budget_line(opts)}", fontsize=9)
-        fig.tight_layout()
+            ax[0].errorbar([opts.epochs * (1.03 + 0.02 * i)], [fm], yerr=[fse], fmt="x", color=c, capsize=2)
+        for axis, (_, title, note, _) in zip(ax, panels):
+            axis.set(xlabel="epoch", ylabel=title, title=f"{title} ({note})")
+            axis.title.set_fontsize(9)
+        if "vgpo" in by_arm:  # the last panel: how well VGPO's previews predict the final reward as it trains
+            for k, ls in ((1, ":"), (2, "--"), (3, "-")):
+                e, m, se = curve(by_arm["vgpo"], "credit/preview_corr", 5, step=k)
+                ax[5].plot(e, m, ls, color=COLORS["vgpo"], label=f"step {k}")
+                ax[5].fill_between(e, m - se, m + se, color=COLORS["vgpo"], alpha=0.15, lw=0)
+            ax[5].set(xlabel="epoch", ylabel="corr(r_k, R)", title="VGPO: preview agreement (5-epoch mean)")
+            ax[5].title.set_fontsize(9)
+            ax[5].legend(fontsize=8)
+        else:
+            ax[5].axis("off")
+        handles, labels = ax[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+        fig.suptitle(f"mean ± s.e. over seeds (shaded); {budget_line(opts)}", fontsize=8)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         path = os.path.join(opts.results, "main.png")
-        fig.savefig(path, dpi=70)
+        fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
     preset = vgpo.make_args(model="tiny")
     if any(g == "sensitivity" for g, _ in data):
-        fig, ax = plt.subplots(1, len(SENSITIVITY), figsize=(12, 3.4), sharey=True)
+        fig, ax = plt.subplots(1, len(SENSITIVITY), figsize=(10, 3.4), sharey=True)
         grpo = [sc["strict_accuracy"] for _, _, sc in data.get(("main", "grpo"), [])]
         for axis, (key, values) in zip(ax, SENSITIVITY.items()):
             xs, ms = [], []
@@ -364,12 +470,16 @@ def budget_line(opts) -> str:
 
 def summarise(runs: list[Run], opts) -> str:
     os.makedirs(opts.results, exist_ok=True)
-    data = collect(runs, opts)
+    archive = load_archive(opts)
+    data = collect(runs, opts, archive)
     folders = [r.folder(opts.runs, opts.epochs) for r in distinct(runs, opts)]
-    done = [f for f in folders if finished(f, opts.epochs)]
-    base = None
-    if done:  # every run starts from the same base model: score it once, from the first finished run's settings
-        base = score(os.path.join(opts.runs, "base"), read_rows(done[0])[0], base_of=done[0])
+    done = [f for f in folders if os.path.basename(f) in archive]
+    local = [f for f in done if finished(f, opts.epochs)]
+    if local:  # every run starts from the same base model: score it once, from the first finished run's settings
+        archive["base"] = {"score": score(os.path.join(opts.runs, "base"), read_rows(local[0])[0], base_of=local[0])}
+    base = archive.get("base", {}).get("score")
+    with open(os.path.join(opts.results, ARCHIVE), "w") as f:
+        json.dump(dict(sorted(archive.items())), f, separators=(",", ":"))
     lines = ["# Experiments on the toy world (written by `python -m tools.experiments`)", "",
              f"Budget: {budget_line(opts)}. {len(done)} of {len(folders)} planned runs finished. Held-out strict "
              "accuracy (GenEval's mean over the six categories); 'final' averages the final policy's evaluations under "
@@ -501,13 +611,17 @@ def main(argv=None) -> int:
     p = harness.Parser(description=__doc__.split("\n\n")[0])  # a usage mistake is one line and exit code 2
     p.add_argument("command", choices=["run", "summarise", "summarize", "snr"],
                    help="run the missing runs, only summarise, or measure the policy gradient's signal-to-noise")
-    p.add_argument("--only", default="main,sensitivity", help="comma-separated groups: main, sensitivity")
+    p.add_argument("--only", default="main,oracle,sensitivity",
+                   help="comma-separated groups: main, oracle, sensitivity (default: all)")
     p.add_argument("--epochs", type=int, default=preset.epochs,
                    help=f"epochs per run (default: the preset's {preset.epochs})")
     p.add_argument("--eval-every", type=int, default=preset.eval_every,
                    help=f"(default: the preset's {preset.eval_every})")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0…N−1 of the main grid (default 5)")
     p.add_argument("--sensitivity-seeds", type=int, default=2, help="seeds of the sensitivity sweep (default 2)")
+    p.add_argument("--oracle-seeds", type=int, default=3, help="seeds of the oracle arm (default 3)")
+    p.add_argument("--continuations", type=int, default=3,
+                   help="oracle: continuations per state for V(x_k) (default 3: one seed ≈ 35 CPU min)")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th missing run from the K-th, to use N processes")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="change a vgpo.Args field in every run")
     p.add_argument("--deadline", default="", help="UTC HH:MM after which no new run starts (the current one finishes)")
@@ -520,14 +634,15 @@ def main(argv=None) -> int:
     try:
         opts = p.parse_args(argv)
         only = opts.only.split(",")
-        if set(only) - {"main", "sensitivity"}:
-            raise harness.UsageError(f"--only {opts.only!r}: use main and/or sensitivity, comma-separated")
+        if set(only) - {"main", "oracle", "sensitivity"}:
+            raise harness.UsageError(f"--only {opts.only!r}: use main, oracle and/or sensitivity, comma-separated")
         k, _, n = opts.shard.partition("/")
         if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
             raise harness.UsageError(f"--shard {opts.shard!r}: write K/N with 0 ≤ K < N, e.g. 0/2 and 1/2")
         opts.shard = (int(k), int(n))
-        if min(opts.epochs, opts.eval_every, opts.seeds, opts.sensitivity_seeds) < 1:
-            raise harness.UsageError("--epochs, --eval-every and the seed counts must be ≥ 1")
+        if min(opts.epochs, opts.eval_every, opts.seeds, opts.sensitivity_seeds, opts.oracle_seeds,
+               opts.continuations) < 1:
+            raise harness.UsageError("--epochs, --eval-every, the seed counts and --continuations must be ≥ 1")
         opts.set = parse_set(opts.set)
         if opts.command == "snr":
             if opts.batches < 2 or not 1 <= opts.combine <= opts.batches:
@@ -543,9 +658,10 @@ def main(argv=None) -> int:
             return 0
         opts.cmdline = "python -m tools.experiments run " + " ".join(
             [f"--epochs {opts.epochs}", f"--eval-every {opts.eval_every}", f"--seeds {opts.seeds}",
-             f"--sensitivity-seeds {opts.sensitivity_seeds}",
+             f"--sensitivity-seeds {opts.sensitivity_seeds}", f"--oracle-seeds {opts.oracle_seeds}",
+             f"--continuations {opts.continuations}",
              f"--only {opts.only}", *[f"--set {k}={v}" for k, v in opts.set.items()]])
-        runs = plan(only, opts.seeds, opts.sensitivity_seeds)
+        runs = plan(only, opts.seeds, opts.sensitivity_seeds, opts.oracle_seeds, opts.continuations)
         harness.validate(run_args(runs[0], "", opts))
         if opts.command == "run":
             execute(runs, opts)
