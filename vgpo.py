@@ -157,10 +157,10 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
         # the density is degenerate, and a log-prob of 0 marks the step as deterministic
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
     # (c) x_{k+1} = mean + std·ε
-    if prev_sample is None:
-        eps = noise if noise is not None else \
-            torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        prev_sample = mean + std * eps
+    if prev_sample is None:  # drawn where the generator lives: a CPU generator gives the same ε on any device
+        eps = noise if noise is not None else torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                                                          device=generator.device if generator else x.device)
+        prev_sample = mean + std * eps.to(x.device)
     # the sample is data, not a function of θ: gradients flow only through the mean
     prev_sample = prev_sample.float().detach()
     # (d) Gaussian log-density, averaged (not summed) over C·H·W so that its scale does not grow with
@@ -206,8 +206,10 @@ def generate(model: Model, prompts: list[str], num_steps: int, noise_level: floa
     n, (c, h, w), T = len(prompts), model.latent_shape, num_steps
     stochastic = sde_window(T, sde_steps)
     sigmas = model.sigmas(T)  # (T+1,)
-    if noise is None:  # x_0 ~ N(0, I): σ_0 = 1 is pure noise
-        noise = torch.randn((n, c, h, w), generator=generator, device=model.device)
+    if noise is None:  # x_0 ~ N(0, I): σ_0 = 1 is pure noise (drawn where the generator lives, as in the SDE step)
+        noise = torch.randn((n, c, h, w), generator=generator, device=generator.device if generator else model.device)
+    # a caller's noise may be elsewhere (CPU noise for a model on the GPU): every draw is used on the model's device
+    noise, step_noise = noise.to(model.device), step_noise if step_noise is None else step_noise.to(model.device)
     latents = torch.empty((n, T + 1, c, h, w), device=model.device) if record else None
     x0_preds = torch.empty((n, T, c, h, w), device=model.device) if record else None
     log_probs = torch.zeros((n, T), device=model.device) if record else None

@@ -298,3 +298,47 @@ def test_sd3_benchmark_resolution_defaults_and_one_line_for_one_too_large(tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "at most 128 px" in err and "Traceback" not in err, err
     assert not (tmp_path / "c.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A machine with a GPU: devices and dtypes
+# ---------------------------------------------------------------------------------------------------
+class DeviceChecked(torch.nn.Module):
+    """A velocity net that fails, as a CUDA kernel does, when an input is not on its device; returns v = 0."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = torch.device(device)
+
+    def forward(self, x, encoder_hidden_states, pooled_projections, timestep, return_dict=False):
+        for t in (x, encoder_hidden_states, pooled_projections, timestep):
+            if t.device != self.device:
+                raise RuntimeError(f"Expected all tensors to be on the same device, found {t.device} and {self.device}")
+        return (torch.zeros_like(x),)
+
+
+@pytest.mark.parametrize("given", ["noise", "generator"])
+def test_cpu_noise_or_a_cpu_generator_drives_a_model_on_another_device(given):
+    """The tests, tools and notebook pass CPU noise or CPU generators; with the model on another device (here the
+    meta device stands in for a GPU) the rollout uses them there: noise given is moved, noise drawn from a generator
+    is drawn on the generator's device (the same numbers as on the CPU) and then moved. (The meta device accepts a
+    CPU generator where CUDA refuses one, so only the move can fail here.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    dev = "meta"
+    model = harness.Model(transformer=DeviceChecked(dev), device=dev, latent_shape=(4, 2, 2),
+                          encode=lambda p: (torch.zeros(len(p), 3, 8, device=dev), torch.zeros(len(p), 8, device=dev)),
+                          decode=lambda z: torch.zeros(z.shape[0], 3, 4, 4, device=dev),
+                          scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    args = vgpo.make_args(model="tiny", num_generations=2, num_steps=3, train_batch_size=2)
+    cpu = torch.Generator().manual_seed(0)
+    draws = dict(noise=torch.randn(4, 4, 2, 2, generator=cpu), step_noise=torch.randn(4, 2, 4, 2, 2, generator=cpu))
+    kw = draws if given == "noise" else dict(generator=torch.Generator().manual_seed(0))
+    traj = vgpo.rollout(model, ["a", "b"], args, **kw)
+    assert traj.latents.device.type == traj.log_probs.device.type == traj.images.device.type == dev
+
+
+def test_the_suite_runs_on_the_cpu_even_where_a_gpu_is():
+    """conftest.py hides any GPU before torch looks for one, so `--device auto` means the CPU in every test and in
+    every process a test starts (they inherit the environment)."""
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
