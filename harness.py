@@ -131,7 +131,12 @@ def validate(args) -> None:
         (args.preview_decoder in ("vae", "tiny") or sd3.is_model_name(args.preview_decoder),
          f"--preview-decoder {args.preview_decoder!r}: use 'vae', 'tiny' or an AutoencoderTiny folder/hub id"),
         (args.dtype in ("auto", "bf16", "fp16", "fp32"),
-         f"--dtype {args.dtype!r}: use 'auto', 'bf16', 'fp16' or 'fp32'"),
+         f"--dtype {args.dtype!r}: use 'auto', 'bf16' or 'fp32'"),
+        # fp16 without a gradient scaler: the gradients flowing back through the transformer lie mostly below fp16's
+        # normal range (from 6e-5) and flush to zero, and training learns nothing, silently
+        (args.model == "tiny" or args.dtype != "fp16",
+         "--dtype fp16 trains nothing here (no gradient scaler: its gradients underflow to zero): use --dtype bf16 "
+         "on a GPU with native bf16 (compute capability ≥ 8: A100, H100, RTX 30xx/40xx) or --dtype fp32 (V100, T4)"),
         (args.model == "tiny" or args.resolution > 0 and args.resolution % 16 == 0,
          f"--resolution must be a positive multiple of 16, got {args.resolution}"),
         (1 <= args.max_sequence_length <= 512, "--max-sequence-length must be in 1…512 (T5's limit in SD3)"),

@@ -11,10 +11,12 @@ toy model (a transformer v_θ, a reference v_ref, a cached prompt encoder, a dec
     --random-weights         the same architecture with random weights and random prompt embeddings:
                              no download, to plan memory and speed (configs of SD3.5-M/-L are kept below)
 
-Precision: the transformer, VAE and text encoders run in `--dtype` (auto = bf16 on CUDA, fp32 on the
-CPU, where bf16 matmuls are slow and the tests compare against the stock pipeline at 1e-4); the LoRA
-weights are fp32 (AdamW on bf16 weights would round most updates of size lr·1e-3 away), and latents,
-the SDE step and its log-probability stay fp32 in vgpo.py.
+Precision: the transformer, VAE and text encoders run in `--dtype` (auto = bf16 on a GPU that computes it
+natively, compute capability ≥ 8; fp32 on older GPUs, which only emulate bf16, and on the CPU, where bf16
+matmuls are slow and the tests compare against the stock pipeline at 1e-4); the LoRA weights are fp32
+(AdamW on bf16 weights would round most updates of size lr·1e-3 away), and latents, the SDE step and its
+log-probability stay fp32 in vgpo.py. fp16 is refused for training (harness.validate): without a gradient
+scaler the gradients reaching the transformer fall below fp16's range and flush to zero.
 
 It imports nothing of the project (vgpo → harness → sd3); it raises `ModelUnavailable`, which the harness
 turns into its one-line usage error.
@@ -70,9 +72,11 @@ def is_model_name(name: str) -> bool:
 
 
 def compute_dtype(dtype: str, device: str) -> torch.dtype:
-    # bf16 halves memory and is what SD3.5 was trained in; on the CPU it is slow and fp32 is exact
+    # bf16 halves memory and is what SD3.5 was trained in, where the GPU has bf16 units (compute capability ≥ 8:
+    # A100, H100, RTX 30xx/40xx); a V100 or T4 only emulates it, slowly, and the CPU is slow at it: fp32 there
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        native = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 

@@ -102,7 +102,7 @@ class Args:
     random_weights: bool = _f(False, "the architecture with random weights: no download, to plan memory and speed")
     low_memory: bool = _f(False, "for a 24 GB card: micro-batch 4 × 8, eval batch 4, prompts in host memory")
     preview_decoder: str = _f("vae", "decoder of the previews (reading 1): 'vae', 'tiny' (TAESD3) or a folder")
-    dtype: str = _f("auto", "frozen weights: 'auto' (bf16 on CUDA, fp32 on a CPU), 'bf16', 'fp16', 'fp32'")
+    dtype: str = _f("auto", "frozen weights: 'auto' (bf16 on GPUs with native bf16, else fp32), 'bf16', 'fp32'")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward: less memory, slower steps")
     lora_rank: int = _f(32, "LoRA rank r on the attention projections")
     lora_alpha: float = _f(64.0, "LoRA α (the adapter is scaled by α/r)")

@@ -342,3 +342,22 @@ def test_the_suite_runs_on_the_cpu_even_where_a_gpu_is():
     """conftest.py hides any GPU before torch looks for one, so `--device auto` means the CPU in every test and in
     every process a test starts (they inherit the environment)."""
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("native, want", [(True, torch.bfloat16), (False, torch.float32)], ids=["A100", "V100"])
+def test_auto_dtype_is_bf16_only_where_the_gpu_computes_it_natively(native, want, monkeypatch):
+    """`--dtype auto` on CUDA asks torch whether the card has bf16 units, not whether it can emulate bf16 (a V100 or T4
+    can, slowly): bf16 on an A100-class card, fp32 on older ones; fp32 on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    assert sd3.compute_dtype("auto", "cuda") == want and sd3.compute_dtype("auto", "cuda:1") == want
+    assert sd3.compute_dtype("auto", "cpu") == torch.float32 and sd3.compute_dtype("bf16", "cpu") == torch.bfloat16
+
+
+def test_fp16_training_is_refused_in_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    """fp16 without a gradient scaler would train nothing: the run stops before loading anything, saying to use bf16
+    or fp32."""
+    monkeypatch.setattr(vgpo, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    assert vgpo.main(["--model", "sd3.5", "--random-weights", "--dtype", "fp16", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--dtype fp16" in err and "--dtype bf16" in err and "--dtype fp32" in err, err
+    assert not os.listdir(tmp_path)
