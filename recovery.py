@@ -38,10 +38,10 @@ import torch
 import distributed
 from harness import UsageError, flag
 
-# Flags that may differ from the saved run on --resume: they change when or where things happen, not what
-# is computed (a change of --device does change the numbers a little; the run says so).
+# Flags that may differ from the saved run on --resume: they change when or where things happen, or how much memory
+# it takes, not what is computed (a change of --device does change the numbers a little; the run says so).
 SAFE_ON_RESUME = ("epochs", "eval_every", "save_every", "keep_checkpoints", "nan_patience", "device",
-                  "eval_batch_size")
+                  "eval_batch_size", "gradient_checkpointing")
 CHECKPOINT_FILES = ("weights.safetensors", "state.pt")
 
 

@@ -80,6 +80,16 @@ def compute_dtype(dtype: str, device: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
+def allow_tf32(device: str) -> None:
+    """On CUDA, fp32 matmuls and convolutions on the tensor cores in TF32 (10-bit mantissa), as Flow-GRPO runs: the
+    fp32 LoRA path (peft computes each adapted projection's input in fp32) and the fp32 reward models. bf16 weights
+    are unaffected; the SDE step and its log-probability are elementwise and stay exact fp32. CPU runs keep full fp32
+    (the tests' bitwise reproducibility)."""
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # the flag Flow-GRPO sets (not mixed with torch's newer API)
+        torch.backends.cudnn.allow_tf32 = True
+
+
 @contextlib.contextmanager
 def _quiet():
     """Without a network the libraries log "Couldn't connect to the Hub … will try the cache" before they
@@ -216,7 +226,10 @@ def load(args, device: str, prompts: list[str]) -> dict:
         raise ModelUnavailable(f"--resolution {args.resolution} is larger than this model's transformer takes: at most "
                                f"{tokens * multiple} px (pos_embed_max_size {tokens} tokens × {multiple} px)")
     add_lora(transformer, args.lora_rank, args.lora_alpha)
-    if args.gradient_checkpointing:  # recompute each block's activations in backward: far less memory
+    allow_tf32(device)
+    # off by default, as Flow-GRPO trains: each block's forward runs again in backward (a third more compute in the
+    # update), for a fraction of its activation memory; --low-memory turns it on (README: what it costs)
+    if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     # --low-memory decodes one image at a time; otherwise a micro-batch at a time
     batch = 1 if args.low_memory else args.train_batch_size

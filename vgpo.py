@@ -100,10 +100,10 @@ class Args:
     resolution: int = _f(512, "image size in pixels, a multiple of 16")
     max_sequence_length: int = _f(256, "T5 prompt tokens (SD3.5 was trained with 256)")
     random_weights: bool = _f(False, "the architecture with random weights: no download, to plan memory and speed")
-    low_memory: bool = _f(False, "for a 24 GB card: micro-batch 4 × 8, eval batch 4, prompts in host memory")
+    low_memory: bool = _f(False, "for a 24 GB card: micro-batch 4 × 8, eval batch 4, gradient checkpointing")
     preview_decoder: str = _f("vae", "decoder of the previews (reading 1): 'vae', 'tiny' (TAESD3) or a folder")
     dtype: str = _f("auto", "frozen weights: 'auto' (bf16 on GPUs with native bf16, else fp32), 'bf16', 'fp32'")
-    gradient_checkpointing: bool = _f(True, "recompute activations in backward: less memory, slower steps")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, slower update")
     lora_rank: int = _f(32, "LoRA rank r on the attention projections")
     lora_alpha: float = _f(64.0, "LoRA α (the adapter is scaled by α/r)")
 
@@ -602,9 +602,9 @@ TASKS = {
     "geneval": dict(prompts="geneval", reward="geneval", beta=0.04),  # trained on partial credit
     "shapes": dict(prompts="shapes"),  # the toy world: its reward and the rest are the tiny model's preset
 }
-# --low-memory (SD3 only): a micro-batch of 4 halves the train step's activations (a batch of 8 with CFG), and ×8
-# accumulation keeps 2 optimizer steps per epoch; one image per VAE call and prompts in host memory are sd3.py's.
-LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4)
+# --low-memory (SD3 only): a micro-batch of 4 halves the train step's activations (a batch of 8 with CFG), ×8
+# accumulation keeps 2 optimizer steps per epoch, checkpointing keeps few activations; one image per VAE call: sd3.py.
+LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4, gradient_checkpointing=True)
 
 
 def make_args(**overrides) -> Args:

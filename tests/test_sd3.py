@@ -153,9 +153,10 @@ def test_a_run_prints_only_its_own_lines(tiny_sd3, tmp_path, random_weights):
 
 
 def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema(tiny_sd3, tmp_path, capsys):
-    """On an SD3 folder with the EMA updated after every optimizer step: 1 epoch, then `--resume DIR --epochs 2`,
-    gives bitwise the metrics and the saved LoRA (the EMA's) of 2 epochs straight; the checkpoint keeps the raw
-    LoRA weights, which differ from the saved EMA. The startup box names the task preset and the EMA."""
+    """On an SD3 folder with the EMA updated after every optimizer step: 1 epoch, then `--resume DIR --epochs 2
+    --gradient-checkpointing` (what an out-of-memory stop suggests: it changes memory, not what is computed), gives
+    bitwise the metrics and the saved LoRA (the EMA's) of 2 epochs straight without checkpointing; the checkpoint
+    keeps the raw LoRA weights, which differ from the saved EMA. The startup box names the task preset and the EMA."""
     from safetensors.torch import load_file
 
     folder, prompts, _ = tiny_sd3
@@ -169,7 +170,9 @@ def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema
     box = capsys.readouterr().out
     assert "task ocr: beta 0.04; model " in box and "EMA of the weights (decay 0.9" in box
     assert vgpo.main([*argv, "--epochs", "1", "--output-dir", str(split)]) == 0
-    assert vgpo.main(["--resume", str(split), "--epochs", "2"]) == 0
+    assert vgpo.main(["--resume", str(split), "--epochs", "2", "--gradient-checkpointing"]) == 0
+    assert "checkpointing on" in capsys.readouterr().out and json.loads((split / "args.json").read_text())[
+        "gradient_checkpointing"]
 
     def result(out):
         rows = [{k: v for k, v in json.loads(ln).items() if not k.startswith("time/")}
@@ -232,11 +235,15 @@ def test_random_weights_need_no_weights_and_seed_embeddings_by_prompt(tiny_sd3):
 
 
 def test_low_memory_is_a_preset_below_what_the_user_sets():
-    """--low-memory sets micro-batch 4 × 8 accumulation and eval batch 4 unless the user set them."""
+    """--low-memory sets micro-batch 4 × 8 accumulation, eval batch 4 and gradient checkpointing unless the user set
+    them; without it checkpointing is off, as Flow-GRPO trains."""
     a = vgpo.make_args(model="sd3.5", low_memory=True)
-    assert (a.train_batch_size, a.gradient_accumulation_steps, a.eval_batch_size) == (4, 8, 4)
+    assert (a.train_batch_size, a.gradient_accumulation_steps, a.eval_batch_size, a.gradient_checkpointing) == \
+        (4, 8, 4, True)
     assert vgpo.make_args(model="sd3.5", low_memory=True, train_batch_size=2).train_batch_size == 2
-    assert vgpo.make_args(model="sd3.5").train_batch_size == 8
+    assert not vgpo.make_args(model="sd3.5", low_memory=True, gradient_checkpointing=False).gradient_checkpointing
+    a = vgpo.make_args(model="sd3.5")
+    assert a.train_batch_size == 8 and not a.gradient_checkpointing
 
 
 @pytest.mark.parametrize("model, needle", [
@@ -361,3 +368,21 @@ def test_fp16_training_is_refused_in_one_line_with_exit_code_2(tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--dtype fp16" in err and "--dtype bf16" in err and "--dtype fp32" in err, err
     assert not os.listdir(tmp_path)
+
+
+def test_tf32_is_allowed_on_cuda_only_and_loading_an_sd3_model_asks_for_it(tiny_sd3, monkeypatch):
+    """fp32 matmuls (the LoRA path, the reward models) run in TF32 on CUDA as in Flow-GRPO; a CPU run keeps exact fp32.
+    sd3.load asks for it with the run's device."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        sd3.allow_tf32("cpu")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        sd3.allow_tf32("cuda:0")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    seen = []
+    monkeypatch.setattr(sd3, "allow_tf32", seen.append)
+    _load(tiny_sd3)
+    assert seen == ["cpu"]
