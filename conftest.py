@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-# The tests are CPU tests: bitwise reproducibility, and comparisons with the stock pipeline in fp32 at 1e-4. On a machine
-# with a GPU, `--device auto` would move their models there (bf16 on SD3); hiding the GPU before torch first looks for
-# one pins every test and every process it starts to the CPU. A GPU's own check is `python -m tools.bench --smoke`.
+# The tests are CPU tests: bitwise reproducibility, and comparisons with the stock pipeline in fp32 at 1e-4. On a
+# machine with a GPU, `--device auto` would move their models there (bf16 on SD3); hiding the GPU before torch first
+# looks for one pins every test and every process it starts to the CPU. A GPU's own check: python -m tools.bench --smoke
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 

@@ -24,6 +24,7 @@ turns into its one-line usage error.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -191,15 +192,14 @@ def load(args, device: str, prompts: list[str]) -> dict:
 
     source = HUB_IDS.get(args.model, args.model)
     dtype = compute_dtype(args.dtype, device)
-    store = "cpu" if args.low_memory else device  # where cached prompt embeddings live
     try:
-        # 1. prompts first: the three text encoders (~11 GB in bf16, T5-XXL most of it) visit the GPU
-        #    only while the prompt set is encoded; the transformer is loaded after they have left
+        # 1. prompts first: the three text encoders (~11 GB in bf16, T5-XXL most of it) are loaded only while the
+        #    prompt set is encoded, then freed; the transformer is loaded after they have gone
         if args.random_weights:
             config = TRANSFORMER_CONFIGS.get(args.model) or _config(SD3Transformer2DModel, source, "transformer")
-            encode = random_prompt_encoder(config, args.max_sequence_length, device, dtype, store)
+            encode = random_prompt_encoder(config, args.max_sequence_length, device, dtype)
         else:
-            encode = cached_prompt_encoder(source, prompts, args.max_sequence_length, device, dtype, store)
+            encode = cached_prompt_encoder(source, prompts, args.max_sequence_length, device, dtype)
         # 2. transformer, VAE, scheduler
         if args.random_weights:
             transformer = _build(SD3Transformer2DModel, config, device, dtype)
@@ -332,48 +332,53 @@ def save_lora(transformer, folder: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _cache(fill, device: str, store: str):
-    """encode(prompts) -> (sequence (B, 77+L, D), pooled (B, D')) on `device`, from a per-prompt cache kept
-    on `store`; fill(missing prompts) computes the embeddings of prompts not seen yet."""
+def _cache(fill, device: str):
+    """encode(prompts) -> (sequence (B, 77+L, D), pooled (B, D')) on `device`, from a per-prompt cache in host memory;
+    fill(missing prompts) computes the embeddings of prompts not seen yet. Host memory, not the GPU's: GenEval's 4 121
+    prompts take 11 GB (2.7 MB each on SD3.5), and a micro-batch's B prompts cross to the GPU in each call."""
     cache: dict[str, tuple] = {}
 
     def encode(prompts: list[str]):
         missing = sorted({p for p in prompts if p not in cache})
         if missing:
             seq, pooled = fill(missing)
-            cache.update({p: (s.to(store), q.to(store)) for p, s, q in zip(missing, seq, pooled)})
+            cache.update({p: (s.to("cpu"), q.to("cpu")) for p, s, q in zip(missing, seq, pooled)})
         return (torch.stack([cache[p][0] for p in prompts]).to(device, non_blocking=True),
                 torch.stack([cache[p][1] for p in prompts]).to(device, non_blocking=True))
 
+    encode.cache = cache  # {prompt: (sequence, pooled)}, for inspection
     return encode
 
 
-def cached_prompt_encoder(source: str, prompts: list[str], max_sequence_length: int, device: str, dtype, store: str):
-    """Encode `prompts` and "" with the stock pipeline's encode_prompt (CLIP-L, CLIP-G, T5), then move
-    the three text encoders to the CPU. A prompt not seen at load time is encoded there later (slow,
-    but correct). The cache costs 2.7 MB per prompt on SD3.5 in bf16 (333 × 4096 numbers)."""
+def cached_prompt_encoder(source: str, prompts: list[str], max_sequence_length: int, device: str, dtype):
+    """Encode `prompts` and "" with the stock pipeline's encode_prompt (CLIP-L, CLIP-G, T5), then free the three
+    text encoders: a run encodes nothing else (harness.load_model passes every prompt of its prompt files), and
+    keeping them would hold about 11 GB of host memory per process for the whole run. A prompt not encoded here is
+    an error that says so. The cache costs 2.7 MB per prompt on SD3.5 in bf16 (333 × 4096 numbers)."""
     pipe = _pretrained(pipeline_module().StableDiffusion3Pipeline, source, transformer=None, vae=None, dtype=dtype)
-    on = device
 
     @torch.no_grad()
     def fill(batch):
-        seq, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=on, do_classifier_free_guidance=False,
+        if pipe is None:  # reads the enclosing `pipe` when called: None once the encoders are freed
+            raise ValueError(f"the prompt {batch[0]!r} was not encoded when the model was loaded, and the text "
+                             "encoders have been freed since: pass every prompt to harness.load_model(prompts=...)")
+        seq, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=device, do_classifier_free_guidance=False,
                                                max_sequence_length=max_sequence_length)
         return seq, pooled
 
-    encode = _cache(fill, device, store)
+    encode = _cache(fill, device)
     pipe.to(device)
     todo = sorted(set(prompts) | {""})
     for s in range(0, len(todo), 32):  # 32 prompts per call: T5-XXL activations stay small
         encode(todo[s : s + 32])
-    pipe.to("cpu")  # the text encoders leave the GPU for good
-    on = "cpu"  # fill() reads `on` when called: later prompts are encoded where the encoders now are
+    pipe = None  # the text encoders' last reference: freed, on the GPU and in host memory
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return encode
 
 
-def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, dtype, store: str):
+def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, dtype):
     """--random-weights: no text encoders; each prompt gets fixed random embeddings of the real shapes,
     seeded by the prompt's text, so a prompt means the same thing in every call and every run."""
     seq_len = CLIP_TOKENS + max_sequence_length
@@ -387,7 +392,7 @@ def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, d
             pairs.append((torch.randn(seq_len, dim, generator=g), torch.randn(pooled_dim, generator=g)))
         return [s.to(dtype) for s, _ in pairs], [q.to(dtype) for _, q in pairs]
 
-    return _cache(fill, device, store)
+    return _cache(fill, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -418,9 +423,17 @@ def make_decoder(vae, batch: int):
 
     @torch.no_grad()
     def decode(latents):
-        out = [vae.decode((z.float() / scale + shift).to(vae.dtype), return_dict=False)[0].float()
-               for z in latents.split(batch)]
-        return ((torch.cat(out) + 1) / 2).clamp(0, 1)  # the VAE outputs [-1, 1]
+        # one fp32 output written chunk by chunk and rescaled in place: N images once, not a list of chunks, their
+        # concatenation and two rescaled copies (256 previews of 512 px are 0.8 GB each)
+        out = None
+        for s in range(0, len(latents), batch):
+            z = latents[s : s + batch]
+            x = vae.decode((z.float() / scale + shift).to(vae.dtype), return_dict=False)[0]
+            if out is None:
+                out = torch.empty((len(latents), *x.shape[1:]), dtype=torch.float32, device=x.device)
+            out[s : s + len(z)] = x  # cast to fp32 in the copy
+            del x  # not held while the next chunk decodes
+        return out.add_(1).div_(2).clamp_(0, 1)  # the VAE outputs [-1, 1]
 
     return decode
 

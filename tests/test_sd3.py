@@ -386,3 +386,118 @@ def test_tf32_is_allowed_on_cuda_only_and_loading_an_sd3_model_asks_for_it(tiny_
     monkeypatch.setattr(sd3, "allow_tf32", seen.append)
     _load(tiny_sd3)
     assert seen == ["cpu"]
+
+
+def test_prompt_embeddings_live_in_host_memory_and_the_text_encoders_are_freed(tiny_sd3):
+    """After loading, the text encoders are gone (no T5 or CLIP text model more than before), a prompt that was not
+    encoded at load time is an error that says so, and the cache hands out embeddings on the model's device from host
+    memory (here the meta device stands in for a GPU: the cached tensors stay on the CPU)."""
+    import gc
+
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    def alive():
+        gc.collect()
+        return sum(type(o) in (T5EncoderModel, CLIPTextModelWithProjection) for o in gc.get_objects())
+
+    before = alive()
+    model, _ = _load(tiny_sd3)
+    assert alive() == before
+    seq, pooled = model.encode(PROMPTS[:2] + [""])
+    assert seq.shape[0] == 3 and torch.isfinite(seq).all()
+    with pytest.raises(ValueError, match="not encoded when the model was loaded"):
+        model.encode(["a prompt the run never named"])
+    filled = []
+    encode = sd3._cache(lambda ps: (filled.extend(ps) or [torch.ones(2, 3)] * len(ps), [torch.ones(3)] * len(ps)),
+                        "meta")
+    out = encode(["x", "y", "x"])
+    assert out[0].device.type == "meta" and out[0].shape == (3, 2, 3) and filled == ["x", "y"]
+    assert set(encode.cache) == {"x", "y"} and all(t.device.type == "cpu" for p in encode.cache.values() for t in p)
+    assert all(t.device.type == "cpu" for p in model.encode.cache.values() for t in p)
+
+
+def test_decoding_many_latents_costs_their_images_and_one_chunk(tiny_sd3):
+    """The decoder writes its fp32 images into one output, chunk by chunk, and rescales them in place: decoding N
+    latents holds the N images plus one chunk's working memory, not the chunks, their concatenation and rescaled
+    copies. Memory is counted on the CPU by tools.bench.TensorPeak (the tensors a block allocates); the images are
+    exactly those of one VAE call per chunk."""
+    from tools.bench import TensorPeak
+
+    model, args = _load(tiny_sd3)
+    vae = model.parts["vae"]
+    z = torch.randn(160, *model.latent_shape, generator=torch.Generator().manual_seed(0))  # images outweigh a chunk
+    decode = sd3.make_decoder(vae, 4)
+    with TensorPeak() as one:
+        decode(z[:4])
+    with TensorPeak() as many:
+        images = decode(z)
+    with torch.no_grad():
+        want = torch.cat([((vae.decode(c / vae.config.scaling_factor + vae.config.shift_factor)[0] + 1) / 2)
+                          .clamp(0, 1) for c in z.split(4)])
+    torch.testing.assert_close(images, want, atol=0, rtol=0)
+    assert many.peak <= images.nbytes + one.peak, (many.peak, images.nbytes, one.peak)
+
+
+SMOKE = ["--smoke", "--tiny-sd3", "--num-generations", "4", "--train-batch-size", "4", "--num-steps", "3",
+         "--max-sequence-length", "16", "--resolution", "32"]
+
+
+def test_the_smoke_check_passes_on_the_tiny_pipeline_and_low_memory_holds_less(tmp_path, capsys):
+    """`python -m tools.bench --smoke` on the tiny random pipeline (as where no GPU is): the on-policy log-ratio of a
+    micro-batch mixing two groups is within 1e-5, the gradient finite and non-zero, checkpointing on and off agree;
+    seconds and peak memory per phase for the default settings and --low-memory, whose update (half the micro-batch,
+    checkpointing on) holds less; a one-line verdict; exit code 0."""
+    from tools import bench
+
+    out = tmp_path / "smoke.json"
+    assert bench.main([*SMOKE, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["passed"] and not r["failures"] and "verdict: PASS" in capsys.readouterr().out
+    default, low = r["configs"]["default"], r["configs"]["--low-memory"]
+    assert (default["train_batch_size"], default["gradient_checkpointing"]) == (4, False)
+    assert (low["train_batch_size"], low["gradient_checkpointing"]) == (2, True)
+    for c in (default, low):
+        assert c["log_ratio"]["beyond"] == 0 and c["log_ratio"]["rms"] < 1e-5 and c["grad_finite"] and c["grad_norm"]
+        assert set(c["phases"]) == {"load", "rollout", "previews + rewards", "update"}
+        assert all(p["s"] > 0 for p in c["phases"].values()) and c["phases"]["update"]["peak_gib"] > 0
+    assert r["checkpointing"]["relative_difference"] <= r["checkpointing"]["bound"] <= 1e-5
+    assert low["phases"]["update"]["peak_gib"] < default["phases"]["update"]["peak_gib"]
+
+
+@pytest.mark.parametrize("fault, needle", [
+    ("off-policy", "on-policy log-ratios exceed"),
+    ("no gradient", "the gradient is zero"),
+    ("checkpointing changes the model", "checkpointing on and off give gradients"),
+])
+def test_the_smoke_check_fails_with_exit_code_1_on_what_it_checks(fault, needle, monkeypatch, capsys):
+    """Each check can fail: a rollout whose log-probs are 1e-4 off the policy's, a velocity the loss cannot move, and
+    a checkpointing switch that changes the model each give the verdict FAIL, naming the check, and exit code 1."""
+    from tools import bench
+
+    if fault == "off-policy":
+        rollout = vgpo.rollout
+
+        def shifted(*a, **kw):
+            traj = rollout(*a, **kw)
+            traj.log_probs += 1e-4
+            return traj
+
+        monkeypatch.setattr(vgpo, "rollout", shifted)
+    elif fault == "no gradient":
+        velocity = vgpo.guided_velocity
+        frozen = lambda *a, **kw: (lambda v: v.detach() + 0 * v)(velocity(*a, **kw))  # noqa: E731
+        monkeypatch.setattr(vgpo, "guided_velocity", frozen)
+    else:
+        switch = bench._set_checkpointing
+
+        def changes_weights(transformer, on):  # switching it on also doubles the adapters' A matrices
+            switch(transformer, on)
+            with torch.no_grad():
+                for n, p in transformer.named_parameters():
+                    if on and "lora_A" in n:
+                        p.mul_(2.0)
+
+        monkeypatch.setattr(bench, "_set_checkpointing", changes_weights)
+    assert bench.main(SMOKE) == 1
+    verdict = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("verdict:")]
+    assert len(verdict) == 1 and verdict[0].startswith("verdict: FAIL") and needle in verdict[0], verdict
