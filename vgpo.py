@@ -555,8 +555,11 @@ def train(args: Args) -> list[dict]:
     else:
         history = [{"epoch": 0, **evaluate(model, args, reward_fn, eval_set, run, epoch=0)}]
         run.log(history[-1])  # plumbing: metrics.jsonl
-    with recovery.StopSignals() as stop:  # plumbing: Ctrl-C / SIGTERM finish the epoch, then save a checkpoint
+    # plumbing: Ctrl-C / SIGTERM finish the epoch, then save a checkpoint; out of GPU memory saves the one before it
+    with recovery.StopSignals() as stop, recovery.OutOfMemory(run.path, args, model, optimizer, rngs, guard, history,
+                                                               ema) as out_of_memory:
         for epoch in range(history[-1]["epoch"] + 1, args.epochs + 1):
+            out_of_memory.before_epoch(epoch)  # plumbing: keeps the state an out-of-memory stop saves
             chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
             row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, epoch, guard)}
             if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
@@ -622,8 +625,8 @@ def parse_args(argv=None) -> Args:
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 done; 2 bad input (one line); 3 the NaN guard; 130 / 143 SIGINT / SIGTERM (checkpoint
-    saved); 1 anything else (a bug, a crashed reward model, another process under torchrun)."""
+    """Exit codes: 0 done; 2 bad input (one line); 3 the NaN guard; 4 out of GPU memory; 130 / 143 SIGINT / SIGTERM
+    (checkpoint saved); 1 anything else (a bug, a crashed reward model, another process under torchrun)."""
     return recovery.exit_code(lambda: train(parse_args(argv)))  # plumbing: how the run ended → the exit code
 
 
