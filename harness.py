@@ -254,8 +254,12 @@ def load_model(args, checkpoint: str | None = None, prompts: list[str] | None = 
 
     if prompts is None:
         prompts = [p for pairs in load_prompts(args) for p, _ in pairs]
+    say = (lambda line: print(line, flush=True)) if distributed.is_first() else None
     try:
-        with sd3._quiet():  # library notes at import and load time would break the one-line error
+        # under torchrun process 0 loads first: a first run's download happens once, and the others read the cache;
+        # library notes at import and load time would break the one-line error
+        with distributed.first_then_others(sd3.fetches(args)), sd3._quiet(), \
+                sd3.download_progress(sd3.hub_repo(args), say):
             parts = sd3.load(args, device, prompts)
     except sd3.ModelUnavailable as e:
         raise UsageError(str(e)) from None
@@ -394,7 +398,8 @@ def make_reward(args, device: str, prompts: list[tuple[str, dict]] = ()):
             raise RewardCrashed(f"the reward {args.reward!r} raised {type(e).__name__}: {e}") from e
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.reward_dtype]
-    fn = call(reward.load_reward, args.reward, device, dtype)
+    with distributed.first_then_others():  # under torchrun: a reward model is downloaded once, by process 0
+        fn = call(reward.load_reward, args.reward, device, dtype)
     if hasattr(fn, "check_prompts"):
         call(fn.check_prompts, list(prompts))
     wrapped = lambda *a: call(fn, *a)  # noqa: E731

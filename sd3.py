@@ -35,6 +35,9 @@ import warnings
 import torch
 
 HUB_IDS = {"sd3.5": "stabilityai/stable-diffusion-3.5-medium", "sd3.5-large": "stabilityai/stable-diffusion-3.5-large"}
+# What a first run downloads, from the parameter counts in 16-bit: SD3.5-M's transformer 4.5 GB, T5-XXL's encoder
+# 9.5 GB, CLIP-G 1.4 GB, CLIP-L 0.25 GB, the VAE 0.17 GB; SD3.5-L's transformer 16 GB
+DOWNLOAD_SIZES = {"sd3.5": "about 16 GB", "sd3.5-large": "about 27 GB"}
 TAESD3 = "madebyollin/taesd3"  # the tiny preview decoder of `--preview-decoder tiny`
 
 # The published architectures, written out so that `--random-weights` needs no download (values as in
@@ -89,6 +92,70 @@ def allow_tf32(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # the flag Flow-GRPO sets (not mixed with torch's newer API)
         torch.backends.cudnn.allow_tf32 = True
+
+
+def hub_repo(args) -> str | None:
+    """The hub repository whose weights loading `args.model` reads (and a first run downloads); None for a local
+    folder or --random-weights."""
+    if args.random_weights or os.path.isdir(args.model):
+        return None
+    return HUB_IDS.get(args.model, args.model)
+
+
+def fetches(args) -> bool:
+    """Whether loading may download anything: the model's weights, or a preview decoder named by hub id."""
+    preview = args.preview_decoder != "vae" and not args.random_weights and not os.path.isdir(args.preview_decoder)
+    return hub_repo(args) is not None or preview
+
+
+@contextlib.contextmanager
+def download_progress(repo: str | None, say, every: float = 60.0):
+    """While the block loads `repo`: a line if its files are not in the Hugging Face cache yet (what a first run
+    fetches), then, off a terminal (where the hub's progress bars are hidden), a line every `every` seconds while its
+    cache folder grows, and the total at the end; nothing when all was cached. say(line) prints; None: silent."""
+    if repo is None or say is None:
+        yield
+        return
+    import threading
+    import time
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    blobs = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"), "blobs")
+
+    def size() -> int:  # complete files and partial downloads (*.incomplete) alike
+        with contextlib.suppress(OSError):
+            return sum(e.stat().st_size for e in os.scandir(blobs) if e.is_file())
+        return 0
+
+    def amount(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    start, t0, stop = size(), time.time(), threading.Event()
+    if not isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
+        hint = next((s for name, s in DOWNLOAD_SIZES.items() if HUB_IDS[name] == repo), "its weights")
+        say(f"sd3.py: downloading {repo} ({hint}, once) into the Hugging Face cache {constants.HF_HUB_CACHE} "
+            "(HF_HOME moves it); a line per minute while it grows")
+
+    def report():
+        last = start
+        while not stop.wait(every):
+            now = size()
+            if now > last:
+                say(f"sd3.py: {repo}: {amount(now - start)} downloaded ({time.time() - t0:.0f} s)")
+                last = now
+
+    ticker = None if sys.stderr.isatty() else threading.Thread(target=report, daemon=True)
+    if ticker:
+        ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if ticker:
+            ticker.join()
+        if size() > start:
+            say(f"sd3.py: {repo}: {amount(size() - start)} downloaded in {time.time() - t0:.0f} s")
 
 
 @contextlib.contextmanager

@@ -527,3 +527,46 @@ def test_out_of_memory_on_sd3_says_to_resume_with_checkpointing_or_start_with_lo
     monkeypatch.undo()
     assert vgpo.main(["--resume", str(out), "--gradient-checkpointing"]) == 0
     assert [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_first_download_is_announced_and_its_progress_reported_off_a_terminal(tmp_path, monkeypatch):
+    """Loading a hub repository not in the Hugging Face cache yet says so (with SD3.5-M's size), then, off a terminal
+    where the hub's bars are hidden, reports how much has arrived while the cache folder grows, and the total at the
+    end. A cached repository, a local folder or --random-weights print nothing."""
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = sd3.HUB_IDS["sd3.5"]
+    blobs = tmp_path / ("models--" + repo.replace("/", "--")) / "blobs"
+    lines = []
+
+    def fetch():  # a download arriving in pieces, as the hub writes blobs/<hash>.incomplete
+        blobs.mkdir(parents=True)
+        for i in range(4):
+            (blobs / f"{i}.incomplete").write_bytes(b"x" * 300_000)
+            time.sleep(0.06)
+
+    with sd3.download_progress(repo, lines.append, every=0.05):
+        worker = threading.Thread(target=fetch)
+        worker.start()
+        worker.join()
+    assert lines[0].startswith(f"sd3.py: downloading {repo} (about 16 GB, once)") and str(tmp_path) in lines[0]
+    assert len(lines) >= 3 and "MB downloaded (" in lines[1] and lines[-1].endswith(" s")
+    assert lines[-1].startswith(f"sd3.py: {repo}: 1.2 MB downloaded in")
+    # cached: refs/main → snapshots/<commit>/model_index.json, and nothing arrives
+    snapshot = tmp_path / ("models--" + repo.replace("/", "--")) / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc")
+    lines.clear()
+    with sd3.download_progress(repo, lines.append, every=0.01):
+        time.sleep(0.05)
+    assert lines == []
+    args = vgpo.make_args(model="sd3.5", random_weights=True)
+    assert sd3.hub_repo(args) is None and not sd3.fetches(args)
+    assert sd3.hub_repo(vgpo.make_args(model="sd3.5")) == repo and sd3.fetches(vgpo.make_args(model="sd3.5"))
+    assert sd3.hub_repo(vgpo.make_args(model=str(tmp_path))) is None
