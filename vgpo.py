@@ -120,7 +120,7 @@ class Args:
 # marginals (images stay in-distribution) and noise scale a·sqrt(σ/(1−σ)).
 def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     """Classifier-free guidance: v = v_u + g·(v_c − v_u), in fp32. x (B, C, H, W); cond/uncond = (seq, pooled).
-    With g = 1 only the conditional pass is run. The gradient is Flow-GRPO's, g·∂v_c (v_u detached)."""
+    With g = 1 only the conditional pass is run. The gradient is g·∂v_c (v_u detached; Flow-GRPO's: both, README)."""
     t = (sigma * 1000).expand(x.shape[0])  # diffusers' SD3 takes timestep = 1000·σ
     x = x.to(cond[0].dtype)  # the transformer's dtype (bf16 on SD3.5); the result is cast back to fp32
     if guidance_scale == 1.0:
@@ -130,7 +130,7 @@ def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     out = net(torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
               pooled_projections=torch.cat([uncond[1], cond[1]]), timestep=torch.cat([t, t]), return_dict=False)[0]
     v_u, v_c = out.float().chunk(2)
-    # Flow-GRPO trains through the conditional branch only; rollouts and evaluation take no gradient anyway
+    # trained through the conditional branch only; rollouts and evaluation take no gradient anyway
     v_u = v_u.detach()
     return v_u + guidance_scale * (v_c - v_u)
 

@@ -476,7 +476,8 @@ def smoke(a) -> dict:
         import sd3
 
         a.model = sd3.save_tiny_random_pipeline(os.path.join(tmp, "pipe"), layers=4, heads=4)
-    prompts = [f"a photo of object number {i} on a table" for i in range(a.prompts_per_epoch)]
+    # quoted text, so that --reward ocr can score them too (its cost on this host's CPU: previews + rewards)
+    prompts = [f'a shop sign that says "OPEN {i}"' for i in range(a.prompts_per_epoch)]
     prompt_file = os.path.join(tmp, "prompts.txt")
     with open(prompt_file, "w") as f:
         f.write("\n".join(prompts) + "\n")
