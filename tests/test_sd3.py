@@ -504,6 +504,32 @@ def test_the_smoke_check_fails_with_exit_code_1_on_what_it_checks(faults, monkey
     assert not any(said[f] in verdict[0] for f in said if f not in faults)
 
 
+def test_out_of_memory_on_sd3_says_to_resume_with_checkpointing_or_start_with_low_memory(tiny_sd3, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Out of GPU memory in an SD3 run's update without checkpointing: exit code 4, a checkpoint of the epoch before,
+    and the command that continues with --gradient-checkpointing (which --resume accepts: it changes memory, not
+    the result), or a new run with --low-memory."""
+    folder, prompts, _ = tiny_sd3
+
+    def runs_out(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
+
+    monkeypatch.setattr(vgpo, "policy_loss", runs_out)
+    out = tmp_path / "run"
+    argv = ["--model", folder, "--prompts", prompts, "--output-dir", str(out), "--epochs", "2", "--num-steps", "3",
+            "--num-generations", "2", "--prompts-per-epoch", "2", "--train-batch-size", "2",
+            "--gradient-accumulation-steps", "2", "--eval-steps", "2", "--eval-batch-size", "4", "--resolution", "32",
+            "--max-sequence-length", "16", "--reward", "jpeg_compressibility"]
+    assert vgpo.main(argv) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "out of GPU memory in the update of epoch 1" in err, err
+    assert f"--resume {out} --gradient-checkpointing" in err and "--low-memory" in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["epoch_0000"]
+    monkeypatch.undo()
+    assert vgpo.main(["--resume", str(out), "--gradient-checkpointing"]) == 0
+    assert [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
 def test_a_first_download_is_announced_and_its_progress_reported_off_a_terminal(tmp_path, monkeypatch):
     """Loading a hub repository not in the Hugging Face cache yet says so (with SD3.5-M's size), then, off a terminal
     where the hub's bars are hidden, reports how much has arrived while the cache folder grows, and the total at the
