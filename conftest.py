@@ -5,12 +5,17 @@
 puts the functions defined in my_solutions.py under one of vgpo's function names (or that name with a `my_`
 prefix) in place of vgpo's for that pytest run, so the repository's tests check your re-implementation.
 Without the variable nothing changes. (At the repository root, this file also puts the root on sys.path
-for the tests in tests/.)"""
+for the tests in tests/, and hides any GPU from the tests: see below.)"""
 import importlib.util
 import inspect
 import os
 
 import pytest
+
+# The tests are CPU tests: bitwise reproducibility, and comparisons with the stock pipeline in fp32 at 1e-4. On a
+# machine with a GPU, `--device auto` would move their models there (bf16 on SD3); hiding the GPU before torch first
+# looks for one pins every test and every process it starts to the CPU. A GPU's own check: python -m tools.bench --smoke
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def pytest_configure(config):

@@ -17,11 +17,16 @@ How the work is split, and why the result does not depend on K:
   (`average_gradients`), so K processes with micro-batch B and accumulation A take the optimizer step of one
   process with B and K·A (vgpo.update's stratified order puts the same trajectories into it);
 - process 0 writes the run folder and prints; the others print only errors.
-A collective whose peer has died raises ProcessFailed instead of torch's transport error.
+A collective whose peer has died raises ProcessFailed instead of torch's transport error. gloo notices a dead peer at
+once (its connection closes); NCCL would wait for its timeout. So every collective on GPU tensors (NCCL) follows one
+on CPU values (gloo) at the same point of the loop: a process that stopped is noticed there, and the others stop with
+ProcessFailed. One that stops between the two leaves the others in NCCL until torchrun stops them (SIGTERM, then
+SIGKILL after its --shutdown-timeout) or NCCL's timeout (30 min) ends the wait.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import numpy as np
@@ -55,6 +60,9 @@ def is_first() -> bool:
 
 
 _failed = False  # a collective failed: the group is broken, and destroying it could block
+_device = "cpu"  # this process's device (start): where gathered tensors meet
+_patient = None  # a gloo group with a long timeout, for waiting on process 0's downloads (first_then_others)
+DOWNLOAD_WAIT = datetime.timedelta(hours=4)  # a first download of SD3.5-M (16 GB) on a slow link
 
 
 def _active() -> bool:
@@ -63,12 +71,19 @@ def _active() -> bool:
 
 def start(device: str) -> None:
     """Join the other processes (once; nothing without torchrun): NCCL for CUDA tensors and gloo for CPU tensors
-    and Python objects, with torch's default timeouts (a process that hangs stops the others after them)."""
+    and Python objects, with torch's default timeout (30 min: a process that hangs stops the others after it). The
+    GPU is named to init_process_group (device_id), so NCCL binds this process to it from the start."""
+    global _device, _patient
     if world_size() == 1 or torch.distributed.is_initialized():
         return
     if device.startswith("cuda"):  # "cuda" in any library call now means this process's GPU
-        torch.cuda.set_device(torch.device(device).index if ":" in device else local_rank())
-    torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
+        gpu = torch.device("cuda", torch.device(device).index if ":" in device else local_rank())
+        torch.cuda.set_device(gpu)
+        _device = str(gpu)
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl", device_id=gpu)
+    else:
+        torch.distributed.init_process_group("gloo")
+    _patient = torch.distributed.new_group(backend="gloo", timeout=DOWNLOAD_WAIT)
 
 
 def finish() -> None:
@@ -163,15 +178,28 @@ def gather_objects(obj) -> list | None:
 
 
 def gather_to_first(x: torch.Tensor | None) -> torch.Tensor | None:
-    """Every process's `x` (any length, or None for nothing) concatenated in process order on process 0, on x's
-    device there; None on the others."""
+    """Every process's `x` (any length along dim 0, or None for nothing) concatenated in process order on process 0,
+    on x's device there; None on the others. One tensor collective (NCCL between GPUs: no copy through host memory,
+    no pickling), exact, in x's dtype; the shapes are agreed first (over gloo), and shorter parts padded."""
     if not _active():
         return x
-    parts = gather_objects(None if x is None else x.cpu())
-    if parts is None:
+    shapes = [None] * world_size()
+    _collective(torch.distributed.all_gather_object, shapes, None if x is None else (tuple(x.shape), str(x.dtype)))
+    known = [s for s in shapes if s is not None]
+    if not known:
         return None
-    device = x.device if x is not None else "cpu"
-    return torch.cat([p for p in parts if p is not None]).to(device)
+    rows, tail = max(shape[0] for shape, _ in known), known[0][0][1:]
+    dtype = getattr(torch, known[0][1].removeprefix("torch."))
+    part = torch.zeros((rows, *tail), dtype=dtype, device=_device)
+    if x is not None:
+        part[: len(x)] = x
+    whole = torch.empty((world_size() * rows, *tail), dtype=dtype, device=_device) if is_first() else None
+    _collective(torch.distributed.gather, part, list(whole.chunk(world_size())) if is_first() else None, dst=0)
+    if not is_first():
+        return None
+    used = [r * rows + i for r, s in enumerate(shapes) if s is not None for i in range(s[0][0])]
+    out = whole if len(used) == len(whole) else whole[torch.tensor(used, device=whole.device)]
+    return out.to(x.device if x is not None else _device)
 
 
 def on_first(fn, *args):
@@ -211,6 +239,23 @@ def together(error: type):
     first = next((p for p in problems if p is not None), None)
     if first is not None:
         raise error(first)
+
+
+@contextlib.contextmanager
+def first_then_others(wait: bool = True):
+    """Process 0 runs the block first, then the others (nothing to wait for in one process, or with wait=False): a
+    first download into the shared cache happens once, not in every process at once. A failure in process 0 still
+    lets the others go, and they meet it themselves (the same one-line error)."""
+    if not _active() or not wait:
+        yield
+        return
+    if not is_first():
+        _collective(torch.distributed.barrier, group=_patient)
+    try:
+        yield
+    finally:
+        if is_first():
+            _collective(torch.distributed.barrier, group=_patient)
 
 
 def largest(value: int) -> int:
@@ -255,6 +300,7 @@ def broadcast_weights(module: torch.nn.Module) -> None:
     """Process 0's trainable weights on every process: all start equal even if initialisation were random."""
     if not _active():
         return
+    largest(0)  # over gloo first: a process that failed while loading is noticed here, not in NCCL's broadcast
     for p in module.parameters():
         if p.requires_grad:
             _collective(torch.distributed.broadcast, p.data, src=0)

@@ -131,7 +131,12 @@ def validate(args) -> None:
         (args.preview_decoder in ("vae", "tiny") or sd3.is_model_name(args.preview_decoder),
          f"--preview-decoder {args.preview_decoder!r}: use 'vae', 'tiny' or an AutoencoderTiny folder/hub id"),
         (args.dtype in ("auto", "bf16", "fp16", "fp32"),
-         f"--dtype {args.dtype!r}: use 'auto', 'bf16', 'fp16' or 'fp32'"),
+         f"--dtype {args.dtype!r}: use 'auto', 'bf16' or 'fp32'"),
+        # fp16 without a gradient scaler: the gradients flowing back through the transformer lie mostly below fp16's
+        # normal range (from 6e-5) and flush to zero, and training learns nothing, silently
+        (args.model == "tiny" or args.dtype != "fp16",
+         "--dtype fp16 trains nothing here (no gradient scaler: its gradients underflow to zero): use --dtype bf16 "
+         "on a GPU with native bf16 (compute capability ≥ 8: A100, H100, RTX 30xx/40xx) or --dtype fp32 (V100, T4)"),
         (args.model == "tiny" or args.resolution > 0 and args.resolution % 16 == 0,
          f"--resolution must be a positive multiple of 16, got {args.resolution}"),
         (1 <= args.max_sequence_length <= 512, "--max-sequence-length must be in 1…512 (T5's limit in SD3)"),
@@ -249,8 +254,12 @@ def load_model(args, checkpoint: str | None = None, prompts: list[str] | None = 
 
     if prompts is None:
         prompts = [p for pairs in load_prompts(args) for p, _ in pairs]
+    say = (lambda line: print(line, flush=True)) if distributed.is_first() else None
     try:
-        with sd3._quiet():  # library notes at import and load time would break the one-line error
+        # under torchrun process 0 loads first: a first run's download happens once, and the others read the cache;
+        # library notes at import and load time would break the one-line error
+        with distributed.first_then_others(sd3.fetches(args)), sd3._quiet(), \
+                sd3.download_progress(sd3.hub_repo(args), say):
             parts = sd3.load(args, device, prompts)
     except sd3.ModelUnavailable as e:
         raise UsageError(str(e)) from None
@@ -389,7 +398,8 @@ def make_reward(args, device: str, prompts: list[tuple[str, dict]] = ()):
             raise RewardCrashed(f"the reward {args.reward!r} raised {type(e).__name__}: {e}") from e
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.reward_dtype]
-    fn = call(reward.load_reward, args.reward, device, dtype)
+    with distributed.first_then_others():  # under torchrun: a reward model is downloaded once, by process 0
+        fn = call(reward.load_reward, args.reward, device, dtype)
     if hasattr(fn, "check_prompts"):
         call(fn.check_prompts, list(prompts))
     wrapped = lambda *a: call(fn, *a)  # noqa: E731

@@ -20,7 +20,9 @@ process 0 finds, reads and writes checkpoints for all. Exit codes are in vgpo.ma
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -30,6 +32,7 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,10 +41,10 @@ import torch
 import distributed
 from harness import UsageError, flag
 
-# Flags that may differ from the saved run on --resume: they change when or where things happen, not what
-# is computed (a change of --device does change the numbers a little; the run says so).
+# Flags that may differ from the saved run on --resume: they change when or where things happen, or how much memory
+# it takes, not what is computed (a change of --device does change the numbers a little; the run says so).
 SAFE_ON_RESUME = ("epochs", "eval_every", "save_every", "keep_checkpoints", "nan_patience", "device",
-                  "eval_batch_size")
+                  "eval_batch_size", "gradient_checkpointing")
 CHECKPOINT_FILES = ("weights.safetensors", "state.pt")
 
 
@@ -302,9 +305,18 @@ class NanGuard:
         return False
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: the run stops at once, without a checkpoint of the epoch in progress; the exit code
+    is 128 + the signal's number, as for the first."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopSignals:
     """While active, SIGINT (Ctrl-C) and SIGTERM set `signum` and the loop stops after the epoch in progress,
-    with a checkpoint; a second signal stops at once (KeyboardInterrupt, the epoch is lost). Under torchrun a
+    with a checkpoint; a second signal stops at once (StoppedAtOnce, the epoch is lost). Under torchrun a
     signal to any process stops all after the same epoch (`requested`); torchrun forwards Ctrl-C and SIGTERM to
     every process and kills them --shutdown-timeout seconds later (30 by default)."""
 
@@ -316,7 +328,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum = signum
         if distributed.world_size() == 1:  # under torchrun the signal may be torchrun stopping a failed run
             print(f"\nvgpo.py: {signal.Signals(signum).name}: finishing this epoch, then saving a checkpoint "
@@ -331,6 +343,91 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def _host_copy(x):
+    """`x` (tensors in dicts, lists and tuples: a state_dict) with every tensor copied to host memory."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _host_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_host_copy(v) for v in x)
+    return copy.deepcopy(x)
+
+
+OUT_OF_MEMORY = 4  # the exit code of a run stopped by an out-of-memory error
+
+
+class OutOfMemory:
+    """While active, an out-of-memory error of the GPU (torch.OutOfMemoryError) inside an epoch stops the run with a
+    checkpoint of the state before that epoch and says what to try, exit code 4, instead of a traceback, exit 1 and
+    the epochs since the last checkpoint lost. before_epoch() keeps that state in host memory (the trainable weights,
+    the optimizer, the EMA, the random states: a LoRA's worth) at the start of each epoch; the epoch in progress may
+    have stepped the optimizer already, so it is not what is saved. The resumed run computes the epoch again, as an
+    uninterrupted run would have (tested on the CPU, where the error is simulated). Under torchrun the other processes
+    are inside a collective and cannot join a checkpoint: the last one saved stands."""
+
+    def __init__(self, out_dir: str, args, model, optimizer, rngs: dict, guard: NanGuard, history: list, ema=None):
+        self.out_dir, self.args, self.model, self.optimizer = out_dir, args, model, optimizer
+        self.rngs, self.guard, self.history, self.ema = rngs, guard, history, ema
+        self.epoch, self.state = None, None
+
+    def __enter__(self):
+        return self
+
+    def _params(self) -> list:
+        return [p for p in self.model.transformer.parameters() if p.requires_grad]
+
+    def before_epoch(self, epoch: int) -> None:
+        """Keep what a checkpoint of epoch − 1 holds (the loop draws this epoch's prompts after this call)."""
+        self.epoch = epoch
+        self.state = {"weights": [p.detach().to("cpu", copy=True) for p in self._params()],
+                      "optimizer": _host_copy(self.optimizer.state_dict()),
+                      "ema": _host_copy(self.ema.state_dict()) if self.ema is not None else {},
+                      "rng": rng_states(self.rngs), "guard": (self.guard.in_a_row, self.guard.tripped),
+                      "rows": len(self.history)}
+
+    def __exit__(self, kind, error, tb):
+        if kind is None or not issubclass(kind, torch.OutOfMemoryError) or self.state is None:
+            return False
+        # where it ran out (the method's function names), then the failed epoch's tensors let go: the frames below
+        # this one still hold its activations, and putting the optimizer state back needs a little memory
+        names = {frame.name for frame in traceback.extract_tb(tb)}
+        traceback.clear_frames(tb.tb_next)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        s, epoch, args = self.state, self.epoch, self.args
+        with torch.no_grad():
+            for p, saved in zip(self._params(), s["weights"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(s["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(s["ema"])
+        set_rng_states(s["rng"], self.rngs)
+        self.guard.in_a_row, self.guard.tripped = s["guard"]
+        del self.history[s["rows"]:]
+        saved = None
+        if distributed.world_size() == 1:
+            saved = save_checkpoint(self.out_dir, epoch - 1, args, self.model, self.optimizer, self.rngs, self.guard,
+                                    self.history, self.ema)
+        where = ("the evaluation" if "evaluate" in names else "the update" if "update" in names else
+                 "the rewards" if "instant_rewards" in names else "the rollout" if "generate" in names else "")
+        # what uses less memory on --resume (it changes memory only), then what needs a new run
+        flags = [f"--eval-batch-size {max(1, args.eval_batch_size // 2)}"] if where == "the evaluation" else []
+        if args.model != "tiny" and not args.gradient_checkpointing and where != "the evaluation":
+            flags.append("--gradient-checkpointing")
+        reason = " ".join(str(error).split())[:160]
+        state = (f"checkpoint {saved} holds the state before it" if saved else
+                 "no checkpoint: " + ("the other processes cannot join one now, the last saved stands"
+                                      if distributed.world_size() > 1 else "see the warning above"))
+        again = distributed.command(f"vgpo.py --resume {args.output_dir}{''.join(' ' + f for f in flags)}")
+        new_run = "" if args.model == "tiny" or args.low_memory else (
+            "; or start a new run with --low-memory (micro-batch 4, checkpointing, one image per VAE call)")
+        raise RunStopped(f"out of GPU memory in {where + ' of ' if where else ''}epoch {epoch} ({reason}); {state}. "
+                         f"Continue with {'less memory' if flags else 'the same settings'}: {again}{new_run}",
+                         code=OUT_OF_MEMORY) from None
 
 
 def raise_if_stopped(signum, guard: NanGuard, saved: str | None, args, epoch: int) -> None:
@@ -359,10 +456,11 @@ def exit_code(run) -> int:
         if distributed.is_first():  # the processes stop together; one says why
             print(f"vgpo.py: {e}", file=sys.stderr)
         return e.code
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint of this epoch
-        print("vgpo.py: interrupted at once; if the run saved a checkpoint, continue with --resume <the run's folder>",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a second signal (or Ctrl-C before the loop): stopped at once
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"vgpo.py: {signal.Signals(signum).name}: stopped at once, without a checkpoint of the epoch in "
+              "progress; if the run saved one, continue with --resume <the run's folder>", file=sys.stderr)
+        return 128 + signum
     finally:
         distributed.finish()  # leave the process group (torchrun)
     return 0

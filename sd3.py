@@ -11,10 +11,12 @@ toy model (a transformer v_θ, a reference v_ref, a cached prompt encoder, a dec
     --random-weights         the same architecture with random weights and random prompt embeddings:
                              no download, to plan memory and speed (configs of SD3.5-M/-L are kept below)
 
-Precision: the transformer, VAE and text encoders run in `--dtype` (auto = bf16 on CUDA, fp32 on the
-CPU, where bf16 matmuls are slow and the tests compare against the stock pipeline at 1e-4); the LoRA
-weights are fp32 (AdamW on bf16 weights would round most updates of size lr·1e-3 away), and latents,
-the SDE step and its log-probability stay fp32 in vgpo.py.
+Precision: the transformer, VAE and text encoders run in `--dtype` (auto = bf16 on a GPU that computes it
+natively, compute capability ≥ 8; fp32 on older GPUs, which only emulate bf16, and on the CPU, where bf16
+matmuls are slow and the tests compare against the stock pipeline at 1e-4); the LoRA weights are fp32
+(AdamW on bf16 weights would round most updates of size lr·1e-3 away), and latents, the SDE step and its
+log-probability stay fp32 in vgpo.py. fp16 is refused for training (harness.validate): without a gradient
+scaler the gradients reaching the transformer fall below fp16's range and flush to zero.
 
 It imports nothing of the project (vgpo → harness → sd3); it raises `ModelUnavailable`, which the harness
 turns into its one-line usage error.
@@ -22,6 +24,7 @@ turns into its one-line usage error.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -32,6 +35,9 @@ import warnings
 import torch
 
 HUB_IDS = {"sd3.5": "stabilityai/stable-diffusion-3.5-medium", "sd3.5-large": "stabilityai/stable-diffusion-3.5-large"}
+# What a first run downloads, from the parameter counts in 16-bit: SD3.5-M's transformer 4.5 GB, T5-XXL's encoder
+# 9.5 GB, CLIP-G 1.4 GB, CLIP-L 0.25 GB, the VAE 0.17 GB; SD3.5-L's transformer 16 GB
+DOWNLOAD_SIZES = {"sd3.5": "about 16 GB", "sd3.5-large": "about 27 GB"}
 TAESD3 = "madebyollin/taesd3"  # the tiny preview decoder of `--preview-decoder tiny`
 
 # The published architectures, written out so that `--random-weights` needs no download (values as in
@@ -70,10 +76,86 @@ def is_model_name(name: str) -> bool:
 
 
 def compute_dtype(dtype: str, device: str) -> torch.dtype:
-    # bf16 halves memory and is what SD3.5 was trained in; on the CPU it is slow and fp32 is exact
+    # bf16 halves memory and is what SD3.5 was trained in, where the GPU has bf16 units (compute capability ≥ 8:
+    # A100, H100, RTX 30xx/40xx); a V100 or T4 only emulates it, slowly, and the CPU is slow at it: fp32 there
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        native = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def allow_tf32(device: str) -> None:
+    """On CUDA, fp32 matmuls and convolutions on the tensor cores in TF32 (10-bit mantissa), as Flow-GRPO runs: the
+    fp32 LoRA path (peft computes each adapted projection's input in fp32) and the fp32 reward models. bf16 weights
+    are unaffected; the SDE step and its log-probability are elementwise and stay exact fp32. CPU runs keep full fp32
+    (the tests' bitwise reproducibility)."""
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # the flag Flow-GRPO sets (not mixed with torch's newer API)
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def hub_repo(args) -> str | None:
+    """The hub repository whose weights loading `args.model` reads (and a first run downloads); None for a local
+    folder or --random-weights."""
+    if args.random_weights or os.path.isdir(args.model):
+        return None
+    return HUB_IDS.get(args.model, args.model)
+
+
+def fetches(args) -> bool:
+    """Whether loading may download anything: the model's weights, or a preview decoder named by hub id."""
+    preview = args.preview_decoder != "vae" and not args.random_weights and not os.path.isdir(args.preview_decoder)
+    return hub_repo(args) is not None or preview
+
+
+@contextlib.contextmanager
+def download_progress(repo: str | None, say, every: float = 60.0):
+    """While the block loads `repo`: a line if its files are not in the Hugging Face cache yet (what a first run
+    fetches), then, off a terminal (where the hub's progress bars are hidden), a line every `every` seconds while its
+    cache folder grows, and the total at the end; nothing when all was cached. say(line) prints; None: silent."""
+    if repo is None or say is None:
+        yield
+        return
+    import threading
+    import time
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    blobs = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"), "blobs")
+
+    def size() -> int:  # complete files and partial downloads (*.incomplete) alike
+        with contextlib.suppress(OSError):
+            return sum(e.stat().st_size for e in os.scandir(blobs) if e.is_file())
+        return 0
+
+    def amount(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    start, t0, stop = size(), time.time(), threading.Event()
+    if not isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
+        hint = next((s for name, s in DOWNLOAD_SIZES.items() if HUB_IDS[name] == repo), "its weights")
+        say(f"sd3.py: downloading {repo} ({hint}, once) into the Hugging Face cache {constants.HF_HUB_CACHE} "
+            "(HF_HOME moves it); a line per minute while it grows")
+
+    def report():
+        last = start
+        while not stop.wait(every):
+            now = size()
+            if now > last:
+                say(f"sd3.py: {repo}: {amount(now - start)} downloaded ({time.time() - t0:.0f} s)")
+                last = now
+
+    ticker = None if sys.stderr.isatty() else threading.Thread(target=report, daemon=True)
+    if ticker:
+        ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if ticker:
+            ticker.join()
+        if size() > start:
+            say(f"sd3.py: {repo}: {amount(size() - start)} downloaded in {time.time() - t0:.0f} s")
 
 
 @contextlib.contextmanager
@@ -177,15 +259,14 @@ def load(args, device: str, prompts: list[str]) -> dict:
 
     source = HUB_IDS.get(args.model, args.model)
     dtype = compute_dtype(args.dtype, device)
-    store = "cpu" if args.low_memory else device  # where cached prompt embeddings live
     try:
-        # 1. prompts first: the three text encoders (~11 GB in bf16, T5-XXL most of it) visit the GPU
-        #    only while the prompt set is encoded; the transformer is loaded after they have left
+        # 1. prompts first: the three text encoders (~11 GB in bf16, T5-XXL most of it) are loaded only while the
+        #    prompt set is encoded, then freed; the transformer is loaded after they have gone
         if args.random_weights:
             config = TRANSFORMER_CONFIGS.get(args.model) or _config(SD3Transformer2DModel, source, "transformer")
-            encode = random_prompt_encoder(config, args.max_sequence_length, device, dtype, store)
+            encode = random_prompt_encoder(config, args.max_sequence_length, device, dtype)
         else:
-            encode = cached_prompt_encoder(source, prompts, args.max_sequence_length, device, dtype, store)
+            encode = cached_prompt_encoder(source, prompts, args.max_sequence_length, device, dtype)
         # 2. transformer, VAE, scheduler
         if args.random_weights:
             transformer = _build(SD3Transformer2DModel, config, device, dtype)
@@ -212,7 +293,10 @@ def load(args, device: str, prompts: list[str]) -> dict:
         raise ModelUnavailable(f"--resolution {args.resolution} is larger than this model's transformer takes: at most "
                                f"{tokens * multiple} px (pos_embed_max_size {tokens} tokens × {multiple} px)")
     add_lora(transformer, args.lora_rank, args.lora_alpha)
-    if args.gradient_checkpointing:  # recompute each block's activations in backward: far less memory
+    allow_tf32(device)
+    # off by default, as Flow-GRPO trains: each block's forward runs again in backward (a third more compute in the
+    # update), for a fraction of its activation memory; --low-memory turns it on (README: what it costs)
+    if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     # --low-memory decodes one image at a time; otherwise a micro-batch at a time
     batch = 1 if args.low_memory else args.train_batch_size
@@ -315,48 +399,53 @@ def save_lora(transformer, folder: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _cache(fill, device: str, store: str):
-    """encode(prompts) -> (sequence (B, 77+L, D), pooled (B, D')) on `device`, from a per-prompt cache kept
-    on `store`; fill(missing prompts) computes the embeddings of prompts not seen yet."""
+def _cache(fill, device: str):
+    """encode(prompts) -> (sequence (B, 77+L, D), pooled (B, D')) on `device`, from a per-prompt cache in host memory;
+    fill(missing prompts) computes the embeddings of prompts not seen yet. Host memory, not the GPU's: GenEval's 4 121
+    prompts take 11 GB (2.7 MB each on SD3.5), and a micro-batch's B prompts cross to the GPU in each call."""
     cache: dict[str, tuple] = {}
 
     def encode(prompts: list[str]):
         missing = sorted({p for p in prompts if p not in cache})
         if missing:
             seq, pooled = fill(missing)
-            cache.update({p: (s.to(store), q.to(store)) for p, s, q in zip(missing, seq, pooled)})
+            cache.update({p: (s.to("cpu"), q.to("cpu")) for p, s, q in zip(missing, seq, pooled)})
         return (torch.stack([cache[p][0] for p in prompts]).to(device, non_blocking=True),
                 torch.stack([cache[p][1] for p in prompts]).to(device, non_blocking=True))
 
+    encode.cache = cache  # {prompt: (sequence, pooled)}, for inspection
     return encode
 
 
-def cached_prompt_encoder(source: str, prompts: list[str], max_sequence_length: int, device: str, dtype, store: str):
-    """Encode `prompts` and "" with the stock pipeline's encode_prompt (CLIP-L, CLIP-G, T5), then move
-    the three text encoders to the CPU. A prompt not seen at load time is encoded there later (slow,
-    but correct). The cache costs 2.7 MB per prompt on SD3.5 in bf16 (333 × 4096 numbers)."""
+def cached_prompt_encoder(source: str, prompts: list[str], max_sequence_length: int, device: str, dtype):
+    """Encode `prompts` and "" with the stock pipeline's encode_prompt (CLIP-L, CLIP-G, T5), then free the three
+    text encoders: a run encodes nothing else (harness.load_model passes every prompt of its prompt files), and
+    keeping them would hold about 11 GB of host memory per process for the whole run. A prompt not encoded here is
+    an error that says so. The cache costs 2.7 MB per prompt on SD3.5 in bf16 (333 × 4096 numbers)."""
     pipe = _pretrained(pipeline_module().StableDiffusion3Pipeline, source, transformer=None, vae=None, dtype=dtype)
-    on = device
 
     @torch.no_grad()
     def fill(batch):
-        seq, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=on, do_classifier_free_guidance=False,
+        if pipe is None:  # reads the enclosing `pipe` when called: None once the encoders are freed
+            raise ValueError(f"the prompt {batch[0]!r} was not encoded when the model was loaded, and the text "
+                             "encoders have been freed since: pass every prompt to harness.load_model(prompts=...)")
+        seq, _, pooled, _ = pipe.encode_prompt(batch, None, None, device=device, do_classifier_free_guidance=False,
                                                max_sequence_length=max_sequence_length)
         return seq, pooled
 
-    encode = _cache(fill, device, store)
+    encode = _cache(fill, device)
     pipe.to(device)
     todo = sorted(set(prompts) | {""})
     for s in range(0, len(todo), 32):  # 32 prompts per call: T5-XXL activations stay small
         encode(todo[s : s + 32])
-    pipe.to("cpu")  # the text encoders leave the GPU for good
-    on = "cpu"  # fill() reads `on` when called: later prompts are encoded where the encoders now are
+    pipe = None  # the text encoders' last reference: freed, on the GPU and in host memory
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return encode
 
 
-def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, dtype, store: str):
+def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, dtype):
     """--random-weights: no text encoders; each prompt gets fixed random embeddings of the real shapes,
     seeded by the prompt's text, so a prompt means the same thing in every call and every run."""
     seq_len = CLIP_TOKENS + max_sequence_length
@@ -370,7 +459,7 @@ def random_prompt_encoder(config: dict, max_sequence_length: int, device: str, d
             pairs.append((torch.randn(seq_len, dim, generator=g), torch.randn(pooled_dim, generator=g)))
         return [s.to(dtype) for s, _ in pairs], [q.to(dtype) for _, q in pairs]
 
-    return _cache(fill, device, store)
+    return _cache(fill, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,9 +490,17 @@ def make_decoder(vae, batch: int):
 
     @torch.no_grad()
     def decode(latents):
-        out = [vae.decode((z.float() / scale + shift).to(vae.dtype), return_dict=False)[0].float()
-               for z in latents.split(batch)]
-        return ((torch.cat(out) + 1) / 2).clamp(0, 1)  # the VAE outputs [-1, 1]
+        # one fp32 output written chunk by chunk and rescaled in place: N images once, not a list of chunks, their
+        # concatenation and two rescaled copies (256 previews of 512 px are 0.8 GB each)
+        out = None
+        for s in range(0, len(latents), batch):
+            z = latents[s : s + batch]
+            x = vae.decode((z.float() / scale + shift).to(vae.dtype), return_dict=False)[0]
+            if out is None:
+                out = torch.empty((len(latents), *x.shape[1:]), dtype=torch.float32, device=x.device)
+            out[s : s + len(z)] = x  # cast to fp32 in the copy
+            del x  # not held while the next chunk decodes
+        return out.add_(1).div_(2).clamp_(0, 1)  # the VAE outputs [-1, 1]
 
     return decode
 

@@ -101,10 +101,10 @@ class Args:
     resolution: int = _f(512, "image size in pixels, a multiple of 16")
     max_sequence_length: int = _f(256, "T5 prompt tokens (SD3.5 was trained with 256)")
     random_weights: bool = _f(False, "the architecture with random weights: no download, to plan memory and speed")
-    low_memory: bool = _f(False, "for a 24 GB card: micro-batch 4 × 8, eval batch 4, prompts in host memory")
+    low_memory: bool = _f(False, "for a 24 GB card: micro-batch 4 × 8, eval batch 4, gradient checkpointing")
     preview_decoder: str = _f("vae", "decoder of the previews (reading 1): 'vae', 'tiny' (TAESD3) or a folder")
-    dtype: str = _f("auto", "frozen weights: 'auto' (bf16 on CUDA, fp32 on a CPU), 'bf16', 'fp16', 'fp32'")
-    gradient_checkpointing: bool = _f(True, "recompute activations in backward: less memory, slower steps")
+    dtype: str = _f("auto", "frozen weights: 'auto' (bf16 on GPUs with native bf16, else fp32), 'bf16', 'fp32'")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: less memory, slower update")
     lora_rank: int = _f(32, "LoRA rank r on the attention projections")
     lora_alpha: float = _f(64.0, "LoRA α (the adapter is scaled by α/r)")
 
@@ -121,7 +121,7 @@ class Args:
 # marginals (images stay in-distribution) and noise scale a·sqrt(σ/(1−σ)).
 def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     """Classifier-free guidance: v = v_u + g·(v_c − v_u), in fp32. x (B, C, H, W); cond/uncond = (seq, pooled).
-    With g = 1 only the conditional pass is run. The gradient is Flow-GRPO's, g·∂v_c (v_u detached)."""
+    With g = 1 only the conditional pass is run. The gradient is g·∂v_c (v_u detached; Flow-GRPO's: both, README)."""
     t = (sigma * 1000).expand(x.shape[0])  # diffusers' SD3 takes timestep = 1000·σ
     x = x.to(cond[0].dtype)  # the transformer's dtype (bf16 on SD3.5); the result is cast back to fp32
     if guidance_scale == 1.0:
@@ -131,7 +131,7 @@ def guided_velocity(net, x, sigma, cond, uncond, guidance_scale):
     out = net(torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
               pooled_projections=torch.cat([uncond[1], cond[1]]), timestep=torch.cat([t, t]), return_dict=False)[0]
     v_u, v_c = out.float().chunk(2)
-    # Flow-GRPO trains through the conditional branch only; rollouts and evaluation take no gradient anyway
+    # trained through the conditional branch only; rollouts and evaluation take no gradient anyway
     v_u = v_u.detach()
     return v_u + guidance_scale * (v_c - v_u)
 
@@ -158,10 +158,10 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
         # the density is degenerate, and a log-prob of 0 marks the step as deterministic
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
     # (c) x_{k+1} = mean + std·ε
-    if prev_sample is None:
-        eps = noise if noise is not None else \
-            torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        prev_sample = mean + std * eps
+    if prev_sample is None:  # drawn where the generator lives: a CPU generator gives the same ε on any device
+        eps = noise if noise is not None else torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                                                          device=generator.device if generator else x.device)
+        prev_sample = mean + std * eps.to(x.device)
     # the sample is data, not a function of θ: gradients flow only through the mean
     prev_sample = prev_sample.float().detach()
     # (d) Gaussian log-density, averaged (not summed) over C·H·W so that its scale does not grow with
@@ -207,8 +207,10 @@ def generate(model: Model, prompts: list[str], num_steps: int, noise_level: floa
     n, (c, h, w), T = len(prompts), model.latent_shape, num_steps
     stochastic = sde_window(T, sde_steps)
     sigmas = model.sigmas(T)  # (T+1,)
-    if noise is None:  # x_0 ~ N(0, I): σ_0 = 1 is pure noise
-        noise = torch.randn((n, c, h, w), generator=generator, device=model.device)
+    if noise is None:  # x_0 ~ N(0, I): σ_0 = 1 is pure noise (drawn where the generator lives, as in the SDE step)
+        noise = torch.randn((n, c, h, w), generator=generator, device=generator.device if generator else model.device)
+    # a caller's noise may be elsewhere (CPU noise for a model on the GPU): every draw is used on the model's device
+    noise, step_noise = noise.to(model.device), step_noise if step_noise is None else step_noise.to(model.device)
     latents = torch.empty((n, T + 1, c, h, w), device=model.device) if record else None
     x0_preds = torch.empty((n, T, c, h, w), device=model.device) if record else None
     log_probs = torch.zeros((n, T), device=model.device) if record else None
@@ -559,8 +561,11 @@ def train(args: Args, credit_fn=None) -> list[dict]:
     else:
         history = [{"epoch": 0, **evaluate(model, args, reward_fn, eval_set, run, epoch=0)}]
         run.log(history[-1])  # plumbing: metrics.jsonl
-    with recovery.StopSignals() as stop:  # plumbing: Ctrl-C / SIGTERM finish the epoch, then save a checkpoint
+    # plumbing: Ctrl-C / SIGTERM finish the epoch, then save a checkpoint; out of GPU memory saves the one before it
+    with recovery.StopSignals() as stop, recovery.OutOfMemory(run.path, args, model, optimizer, rngs, guard, history,
+                                                               ema) as out_of_memory:
         for epoch in range(history[-1]["epoch"] + 1, args.epochs + 1):
+            out_of_memory.before_epoch(epoch)  # plumbing: keeps the state an out-of-memory stop saves
             chosen = sample_prompts(train_set, args.prompts_per_epoch, rng)
             row = {"epoch": epoch, **train_epoch(model, chosen, args, reward_fn, optimizer, epoch, guard, credit_fn)}
             if epoch % args.eval_every == 0 or epoch == args.epochs:  # the last epoch is always evaluated
@@ -606,9 +611,9 @@ TASKS = {
     "geneval": dict(prompts="geneval", reward="geneval", beta=0.04),  # trained on partial credit
     "shapes": dict(prompts="shapes"),  # the toy world: its reward and the rest are the tiny model's preset
 }
-# --low-memory (SD3 only): a micro-batch of 4 halves the train step's activations (a batch of 8 with CFG), and ×8
-# accumulation keeps 2 optimizer steps per epoch; one image per VAE call and prompts in host memory are sd3.py's.
-LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4)
+# --low-memory (SD3 only): a micro-batch of 4 halves the train step's activations (a batch of 8 with CFG), ×8
+# accumulation keeps 2 optimizer steps per epoch, checkpointing keeps few activations; one image per VAE call: sd3.py.
+LOW_MEMORY = dict(train_batch_size=4, gradient_accumulation_steps=8, eval_batch_size=4, gradient_checkpointing=True)
 
 
 def make_args(**overrides) -> Args:
@@ -626,8 +631,8 @@ def parse_args(argv=None) -> Args:
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 done; 2 bad input (one line); 3 the NaN guard; 130 / 143 SIGINT / SIGTERM (checkpoint
-    saved); 1 anything else (a bug, a crashed reward model, another process under torchrun)."""
+    """Exit codes: 0 done; 2 bad input (one line); 3 the NaN guard; 4 out of GPU memory; 130 / 143 SIGINT / SIGTERM
+    (checkpoint saved); 1 anything else (a bug, a crashed reward model, another process under torchrun)."""
     return recovery.exit_code(lambda: train(parse_args(argv)))  # plumbing: how the run ended → the exit code
 
 

@@ -266,3 +266,106 @@ def test_optimizer_steps_that_do_not_divide_the_group_are_one_line_for_two_proce
     assert vgpo.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the 6 optimizer steps per epoch must divide --num-generations 4" in err, err
+
+
+# ---------------------------------------------------------------------------------------------------
+# NCCL's side, checked with gloo or with torch.distributed replaced: the GPU, gathers, failures, downloads
+# ---------------------------------------------------------------------------------------------------
+def test_start_names_the_gpu_to_the_process_group(monkeypatch):
+    """Under torchrun on GPUs, init_process_group is given this process's GPU (device_id), so NCCL binds to it at
+    once; NCCL for CUDA tensors, gloo for the rest; and a gloo group with a long timeout for waiting on downloads."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: calls.append(("init", a, kw)))
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **kw: calls.append(("group", kw)))
+    monkeypatch.setattr(distributed, "_device", distributed._device)
+    monkeypatch.setattr(distributed, "_patient", None)
+    distributed.start("cuda")
+    gpu = torch.device("cuda", 1)
+    assert calls == [("set_device", gpu), ("init", ("cpu:gloo,cuda:nccl",), {"device_id": gpu}),
+                     ("group", {"backend": "gloo", "timeout": distributed.DOWNLOAD_WAIT})]
+    assert distributed._device == "cuda:1"
+
+
+def _gather_in_process(rank: int, path: str, parts: dict) -> None:
+    """One of two processes (forked): join a gloo group through `path`, gather_to_first each case, save rank 0's."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    got = {case: distributed.gather_to_first(shares[rank]) for case, shares in parts.items()}
+    if rank == 0:
+        torch.save(got, path + ".out")
+    torch.distributed.destroy_process_group()
+
+
+def test_gather_to_first_is_exact_for_uneven_and_empty_shares(tmp_path):
+    """Two processes with gloo: the evaluation images of both reach process 0 in process order, bitwise and in
+    their dtype, whatever the lengths (3 and 1, 2 and 2) or when one process had no batch (None); the others get
+    None. One tensor collective after the shapes are agreed: no pickle of the images."""
+    import multiprocessing
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 3, 4, 4, generator=g), torch.rand(1, 3, 4, 4, generator=g)
+    parts = {"uneven": (a, b), "even": (a[:2], a[1:]), "one empty": (a, None),
+             "bytes": ((a * 255).byte(), (b * 255).byte())}
+    path = str(tmp_path / "rendezvous")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_gather_in_process, args=(r, path, parts)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = torch.load(path + ".out")
+    for case, (x, y) in parts.items():
+        want = torch.cat([t for t in (x, y) if t is not None])
+        assert got[case].dtype == want.dtype and torch.equal(got[case], want), case
+
+
+def test_every_gpu_collective_follows_a_cpu_one(monkeypatch):
+    """gloo notices a dead process at once, NCCL only after its timeout: broadcasting the initial weights and gathering
+    the evaluation images each agree on something over gloo (CPU values, Python objects) before their tensor
+    collective (NCCL between GPUs), so a process that failed before them is noticed there."""
+    seen = []
+
+    def record(fn, *a, **kw):
+        tensor = next((t for t in a if isinstance(t, torch.Tensor)), None)
+        seen.append((fn.__name__, "objects" if tensor is None else tensor.device.type))
+        if fn.__name__ == "all_gather_object":
+            a[0][:] = [((2, 3), "torch.float32")] * 2
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed, "_active", lambda: True)
+    monkeypatch.setattr(distributed, "_collective", record)
+    distributed.broadcast_weights(torch.nn.Linear(2, 2))
+    assert seen[0] == ("all_reduce", "cpu") and [s[0] for s in seen[1:]] == ["broadcast", "broadcast"]
+    seen.clear()
+    assert distributed.gather_to_first(torch.zeros(2, 3)) is None  # not process 0
+    assert seen == [("all_gather_object", "objects"), ("gather", "cpu")]
+
+
+@pytest.mark.parametrize("rank, fails", [(0, False), (1, False), (0, True)])
+def test_process_0_loads_first_and_the_others_after_it(rank, fails, monkeypatch):
+    """first_then_others: process 0 runs the block (a first download) before the barrier the others wait at; it
+    reaches the barrier even when the block fails, so the others go on and meet the error themselves; in one
+    process, or with wait=False, nothing waits."""
+    order = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(distributed, "_active", lambda: True)
+    monkeypatch.setattr(distributed, "_collective", lambda fn, *a, **kw: order.append(fn.__name__))
+    try:
+        with distributed.first_then_others():
+            order.append("load")
+            if fails:
+                raise OSError("gated repository")
+    except OSError:
+        order.append("error")
+    assert order == (["barrier", "load"] if rank else ["load", "barrier"] + (["error"] if fails else []))
+    order.clear()
+    with distributed.first_then_others(wait=False):
+        order.append("load")
+    assert order == ["load"]

@@ -1,6 +1,8 @@
-"""Where VGPO's update is Flow-GRPO's, it trains as Flow-GRPO's scripts/train_sd3.py does: the gradient through
-classifier-free guidance, and the KL penalty at every step of SD3.5's schedule (each against Flow-GRPO's formula
-written out here)."""
+"""VGPO's update against Flow-GRPO's scripts/train_sd3.py at commit 74db691 (github.com/yifan123/flow_grpo; the
+commits 54809b5 and 1f4ca40 read the same in these places), each formula written out here: the KL penalty at every
+step of SD3.5's schedule is theirs; the gradient through classifier-free guidance is not. Their compute_log_prob
+keeps both branches, g·∂v_c + (1 − g)·∂v_u; vgpo.guided_velocity detaches the unconditional prediction, g·∂v_c. No
+version of train_sd3.py we read detaches it."""
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -20,16 +22,29 @@ class OneWeight(torch.nn.Module):
         return (self.theta * encoder_hidden_states.view(-1, 1, 1, 1) * x,)
 
 
-def test_the_guidance_gradient_flows_through_the_conditional_branch_only():
-    """Flow-GRPO detaches the unconditional prediction when it re-scores for the loss, so ∂v/∂θ = g·∂v_c/∂θ;
-    keeping both branches would give (1 − g)·∂v_u + g·∂v_c. The value is the guided velocity either way."""
-    net, g, x = OneWeight(), 4.5, torch.ones(1, 1, 1, 1)
+def flow_grpo_guided_velocity(net, x, t, cond, uncond, g):
+    """train_sd3.py's compute_log_prob at 74db691: one call on [uncond; cond], v = v_u + g·(v_c − v_u), nothing
+    detached."""
+    out = net(torch.cat([x, x]), encoder_hidden_states=torch.cat([uncond[0], cond[0]]),
+              pooled_projections=torch.cat([uncond[1], cond[1]]), timestep=torch.cat([t, t]))[0]
+    v_u, v_c = out.chunk(2)
+    return v_u + g * (v_c - v_u)
+
+
+def test_the_guidance_gradient_flows_through_the_conditional_branch_only_where_flow_grpos_takes_both():
+    """Re-scoring for the loss, vgpo detaches the unconditional prediction: ∂v/∂θ = g·∂v_c/∂θ. Flow-GRPO's
+    train_sd3.py (74db691) trains both branches: (1 − g)·∂v_u + g·∂v_c. The value is the guided velocity in both."""
+    g, x, t = 4.5, torch.ones(1, 1, 1, 1), torch.tensor(0.5)
     cond, uncond = (torch.tensor([2.0]), torch.zeros(1)), (torch.tensor([1.0]), torch.zeros(1))
-    v = vgpo.guided_velocity(net, x, torch.tensor(0.5), cond, uncond, g)
-    v.sum().backward()
     v_c, v_u = 2.0, 1.0  # at θ = 1, and ∂v_c/∂θ = 2, ∂v_u/∂θ = 1
-    assert v.item() == pytest.approx(v_u + g * (v_c - v_u))
-    assert net.theta.grad.item() == pytest.approx(g * 2.0)  # 9, not (1 − g)·1 + g·2 = 5.5
+    ours, theirs = OneWeight(), OneWeight()
+    v = vgpo.guided_velocity(ours, x, t, cond, uncond, g)
+    v.sum().backward()
+    w = flow_grpo_guided_velocity(theirs, x, (t * 1000).expand(1), cond, uncond, g)
+    w.sum().backward()
+    assert v.item() == pytest.approx(v_u + g * (v_c - v_u)) == w.item()
+    assert ours.theta.grad.item() == pytest.approx(g * 2.0)  # 9
+    assert theirs.theta.grad.item() == pytest.approx((1 - g) * 1.0 + g * 2.0)  # 5.5
 
 
 def sd35_sigmas(num_steps=10):

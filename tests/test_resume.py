@@ -132,6 +132,62 @@ def test_signal_mid_epoch_finishes_it_saves_and_resumes_to_the_same_result(sig, 
     assert_same(reference, result(out))
 
 
+def test_a_second_sigterm_stops_at_once_with_sigterms_exit_code(prompt_file, tmp_path, monkeypatch, capsys):
+    """SIGTERM twice (a scheduler that will not wait): the run stops at once, the epoch in progress is lost, and the
+    exit code is still SIGTERM's 143 (the README's table), not Ctrl-C's 130; the last checkpoint stands."""
+    calls, rollout = [], vgpo.rollout
+
+    def rollout_then_two_signals(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rollout(*a, **kw)
+
+    monkeypatch.setattr(vgpo, "rollout", rollout_then_two_signals)
+    out = str(tmp_path / "run")
+    assert run(out, prompt_file, epochs=4) == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopped at once" in err and checkpoints(out) == ["epoch_0001"]
+
+
+# calls of vgpo.policy_loss per epoch: micro-batches × trained steps (T − 1 = 3 within the toy's SDE window of 4)
+LOSSES_PER_EPOCH = SETTINGS["prompts_per_epoch"] * SETTINGS["num_generations"] // SETTINGS["train_batch_size"] * 3
+
+
+@pytest.mark.parametrize("inside, call, epoch, said", [
+    ("policy_loss", 2 * LOSSES_PER_EPOCH + 1, 3, "in the update of epoch 3"),  # the first loss of epoch 3
+    ("generate", 4, 2, "in the evaluation of epoch 2"),  # evaluation 0, rollouts 1 and 2, evaluation 2
+])
+def test_out_of_memory_in_an_epoch_saves_the_state_before_it_and_resuming_gives_the_same_result(
+        inside, call, epoch, said, reference, prompt_file, tmp_path, monkeypatch, capsys):
+    """torch.OutOfMemoryError (a GPU's error, raised here on the CPU) in epoch E, in its update or in its evaluation
+    after the epoch has trained and stepped the optimizer: exit code 4, a checkpoint of epoch E − 1 holding the state
+    before E (not the trained one; no periodic checkpoint was due), metrics up to E − 1, and one line saying where and
+    how to continue (evaluation: a smaller --eval-batch-size); resuming gives the uninterrupted run bitwise."""
+    real, calls = getattr(vgpo, inside), []
+
+    def runs_out(*a, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                         "of 79.11 GiB of which 1.02 GiB is free.")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vgpo, inside, runs_out)
+    out = str(tmp_path / "run")
+    assert run(out, prompt_file, epochs=4, save_every=0) == recovery.OUT_OF_MEMORY == 4
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "out of GPU memory " + said in err and "Tried to allocate 2.00 GiB" in err, err
+    assert f"epoch_{epoch - 1:04d} holds the state before it" in err and f"--resume {out}" in err
+    assert ("--eval-batch-size 8" in err) == (inside == "generate")
+    assert checkpoints(out) == [f"epoch_{epoch - 1:04d}"]
+    assert [json.loads(ln)["epoch"] for ln in open(os.path.join(out, "metrics.jsonl"))] == list(range(epoch))
+    monkeypatch.undo()
+    assert vgpo.main(["--resume", out]) == 0
+    assert_same(reference, result(out))
+
+
 def test_sigkill_after_a_checkpoint_resumes_to_the_same_result(reference, prompt_file, tmp_path):
     """`python vgpo.py` killed with SIGKILL once epoch 2's checkpoint exists: --resume gives the uninterrupted
     result."""

@@ -153,9 +153,10 @@ def test_a_run_prints_only_its_own_lines(tiny_sd3, tmp_path, random_weights):
 
 
 def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema(tiny_sd3, tmp_path, capsys):
-    """On an SD3 folder with the EMA updated after every optimizer step: 1 epoch, then `--resume DIR --epochs 2`,
-    gives bitwise the metrics and the saved LoRA (the EMA's) of 2 epochs straight; the checkpoint keeps the raw
-    LoRA weights, which differ from the saved EMA. The startup box names the task preset and the EMA."""
+    """On an SD3 folder with the EMA updated after every optimizer step: 1 epoch, then `--resume DIR --epochs 2
+    --gradient-checkpointing` (what an out-of-memory stop suggests: it changes memory, not what is computed), gives
+    bitwise the metrics and the saved LoRA (the EMA's) of 2 epochs straight without checkpointing; the checkpoint
+    keeps the raw LoRA weights, which differ from the saved EMA. The startup box names the task preset and the EMA."""
     from safetensors.torch import load_file
 
     folder, prompts, _ = tiny_sd3
@@ -169,7 +170,9 @@ def test_sd3_run_resumed_after_one_epoch_equals_two_epochs_straight_with_the_ema
     box = capsys.readouterr().out
     assert "task ocr: beta 0.04; model " in box and "EMA of the weights (decay 0.9" in box
     assert vgpo.main([*argv, "--epochs", "1", "--output-dir", str(split)]) == 0
-    assert vgpo.main(["--resume", str(split), "--epochs", "2"]) == 0
+    assert vgpo.main(["--resume", str(split), "--epochs", "2", "--gradient-checkpointing"]) == 0
+    assert "checkpointing on" in capsys.readouterr().out and json.loads((split / "args.json").read_text())[
+        "gradient_checkpointing"]
 
     def result(out):
         rows = [{k: v for k, v in json.loads(ln).items() if not k.startswith("time/")}
@@ -232,11 +235,15 @@ def test_random_weights_need_no_weights_and_seed_embeddings_by_prompt(tiny_sd3):
 
 
 def test_low_memory_is_a_preset_below_what_the_user_sets():
-    """--low-memory sets micro-batch 4 × 8 accumulation and eval batch 4 unless the user set them."""
+    """--low-memory sets micro-batch 4 × 8 accumulation, eval batch 4 and gradient checkpointing unless the user set
+    them; without it checkpointing is off, as Flow-GRPO trains."""
     a = vgpo.make_args(model="sd3.5", low_memory=True)
-    assert (a.train_batch_size, a.gradient_accumulation_steps, a.eval_batch_size) == (4, 8, 4)
+    assert (a.train_batch_size, a.gradient_accumulation_steps, a.eval_batch_size, a.gradient_checkpointing) == \
+        (4, 8, 4, True)
     assert vgpo.make_args(model="sd3.5", low_memory=True, train_batch_size=2).train_batch_size == 2
-    assert vgpo.make_args(model="sd3.5").train_batch_size == 8
+    assert not vgpo.make_args(model="sd3.5", low_memory=True, gradient_checkpointing=False).gradient_checkpointing
+    a = vgpo.make_args(model="sd3.5")
+    assert a.train_batch_size == 8 and not a.gradient_checkpointing
 
 
 @pytest.mark.parametrize("model, needle", [
@@ -298,3 +305,269 @@ def test_sd3_benchmark_resolution_defaults_and_one_line_for_one_too_large(tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "at most 128 px" in err and "Traceback" not in err, err
     assert not (tmp_path / "c.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A machine with a GPU: devices and dtypes
+# ---------------------------------------------------------------------------------------------------
+class DeviceChecked(torch.nn.Module):
+    """A velocity net that fails, as a CUDA kernel does, when an input is not on its device; returns v = 0."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = torch.device(device)
+
+    def forward(self, x, encoder_hidden_states, pooled_projections, timestep, return_dict=False):
+        for t in (x, encoder_hidden_states, pooled_projections, timestep):
+            if t.device != self.device:
+                raise RuntimeError(f"Expected all tensors to be on the same device, found {t.device} and {self.device}")
+        return (torch.zeros_like(x),)
+
+
+@pytest.mark.parametrize("given", ["noise", "generator"])
+def test_cpu_noise_or_a_cpu_generator_drives_a_model_on_another_device(given):
+    """The tests, tools and notebook pass CPU noise or CPU generators; with the model on another device (here the
+    meta device stands in for a GPU) the rollout uses them there: noise given is moved, noise drawn from a generator
+    is drawn on the generator's device (the same numbers as on the CPU) and then moved. (The meta device accepts a
+    CPU generator where CUDA refuses one, so only the move can fail here.)"""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    dev = "meta"
+    model = harness.Model(transformer=DeviceChecked(dev), device=dev, latent_shape=(4, 2, 2),
+                          encode=lambda p: (torch.zeros(len(p), 3, 8, device=dev), torch.zeros(len(p), 8, device=dev)),
+                          decode=lambda z: torch.zeros(z.shape[0], 3, 4, 4, device=dev),
+                          scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    args = vgpo.make_args(model="tiny", num_generations=2, num_steps=3, train_batch_size=2)
+    cpu = torch.Generator().manual_seed(0)
+    draws = dict(noise=torch.randn(4, 4, 2, 2, generator=cpu), step_noise=torch.randn(4, 2, 4, 2, 2, generator=cpu))
+    kw = draws if given == "noise" else dict(generator=torch.Generator().manual_seed(0))
+    traj = vgpo.rollout(model, ["a", "b"], args, **kw)
+    assert traj.latents.device.type == traj.log_probs.device.type == traj.images.device.type == dev
+
+
+def test_the_suite_runs_on_the_cpu_even_where_a_gpu_is():
+    """conftest.py hides any GPU before torch looks for one, so `--device auto` means the CPU in every test and in
+    every process a test starts (they inherit the environment)."""
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("native, want", [(True, torch.bfloat16), (False, torch.float32)], ids=["A100", "V100"])
+def test_auto_dtype_is_bf16_only_where_the_gpu_computes_it_natively(native, want, monkeypatch):
+    """`--dtype auto` on CUDA asks torch whether the card has bf16 units, not whether it can emulate bf16 (a V100 or T4
+    can, slowly): bf16 on an A100-class card, fp32 on older ones; fp32 on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+    assert sd3.compute_dtype("auto", "cuda") == want and sd3.compute_dtype("auto", "cuda:1") == want
+    assert sd3.compute_dtype("auto", "cpu") == torch.float32 and sd3.compute_dtype("bf16", "cpu") == torch.bfloat16
+
+
+def test_fp16_training_is_refused_in_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    """fp16 without a gradient scaler would train nothing: the run stops before loading anything, saying to use bf16
+    or fp32."""
+    monkeypatch.setattr(vgpo, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    assert vgpo.main(["--model", "sd3.5", "--random-weights", "--dtype", "fp16", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--dtype fp16" in err and "--dtype bf16" in err and "--dtype fp32" in err, err
+    assert not os.listdir(tmp_path)
+
+
+def test_tf32_is_allowed_on_cuda_only_and_loading_an_sd3_model_asks_for_it(tiny_sd3, monkeypatch):
+    """fp32 matmuls (the LoRA path, the reward models) run in TF32 on CUDA as in Flow-GRPO; a CPU run keeps exact fp32.
+    sd3.load asks for it with the run's device."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        sd3.allow_tf32("cpu")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        sd3.allow_tf32("cuda:0")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    seen = []
+    monkeypatch.setattr(sd3, "allow_tf32", seen.append)
+    _load(tiny_sd3)
+    assert seen == ["cpu"]
+
+
+def test_prompt_embeddings_live_in_host_memory_and_the_text_encoders_are_freed(tiny_sd3):
+    """After loading, the text encoders are gone (no T5 or CLIP text model more than before), a prompt that was not
+    encoded at load time is an error that says so, and the cache hands out embeddings on the model's device from host
+    memory (here the meta device stands in for a GPU: the cached tensors stay on the CPU)."""
+    import gc
+
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    def alive():
+        gc.collect()
+        return sum(type(o) in (T5EncoderModel, CLIPTextModelWithProjection) for o in gc.get_objects())
+
+    before = alive()
+    model, _ = _load(tiny_sd3)
+    assert alive() == before
+    seq, pooled = model.encode(PROMPTS[:2] + [""])
+    assert seq.shape[0] == 3 and torch.isfinite(seq).all()
+    with pytest.raises(ValueError, match="not encoded when the model was loaded"):
+        model.encode(["a prompt the run never named"])
+    filled = []
+    encode = sd3._cache(lambda ps: (filled.extend(ps) or [torch.ones(2, 3)] * len(ps), [torch.ones(3)] * len(ps)),
+                        "meta")
+    out = encode(["x", "y", "x"])
+    assert out[0].device.type == "meta" and out[0].shape == (3, 2, 3) and filled == ["x", "y"]
+    assert set(encode.cache) == {"x", "y"} and all(t.device.type == "cpu" for p in encode.cache.values() for t in p)
+    assert all(t.device.type == "cpu" for p in model.encode.cache.values() for t in p)
+
+
+def test_decoding_many_latents_costs_their_images_and_one_chunk(tiny_sd3):
+    """The decoder writes its fp32 images into one output, chunk by chunk, and rescales them in place: decoding N
+    latents holds the N images plus one chunk's working memory, not the chunks, their concatenation and rescaled
+    copies. Memory is counted on the CPU by tools.bench.TensorPeak (the tensors a block allocates); the images are
+    exactly those of one VAE call per chunk."""
+    from tools.bench import TensorPeak
+
+    model, args = _load(tiny_sd3)
+    vae = model.parts["vae"]
+    z = torch.randn(160, *model.latent_shape, generator=torch.Generator().manual_seed(0))  # images outweigh a chunk
+    decode = sd3.make_decoder(vae, 4)
+    with TensorPeak() as one:
+        decode(z[:4])
+    with TensorPeak() as many:
+        images = decode(z)
+    with torch.no_grad():
+        want = torch.cat([((vae.decode(c / vae.config.scaling_factor + vae.config.shift_factor)[0] + 1) / 2)
+                          .clamp(0, 1) for c in z.split(4)])
+    torch.testing.assert_close(images, want, atol=0, rtol=0)
+    assert many.peak <= images.nbytes + one.peak, (many.peak, images.nbytes, one.peak)
+
+
+SMOKE = ["--smoke", "--tiny-sd3", "--num-generations", "4", "--train-batch-size", "4", "--num-steps", "3",
+         "--max-sequence-length", "16", "--resolution", "32"]
+
+
+def test_the_smoke_check_passes_on_the_tiny_pipeline_and_low_memory_holds_less(tmp_path, capsys):
+    """`python -m tools.bench --smoke` on the tiny random pipeline (as where no GPU is): the on-policy log-ratio of a
+    micro-batch mixing two groups is within 1e-5, the gradient finite and non-zero, checkpointing on and off agree;
+    seconds and peak memory per phase for the default settings and --low-memory, whose update (half the micro-batch,
+    checkpointing on) holds less; a one-line verdict; exit code 0."""
+    from tools import bench
+
+    out = tmp_path / "smoke.json"
+    assert bench.main([*SMOKE, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["passed"] and not r["failures"] and "verdict: PASS" in capsys.readouterr().out
+    default, low = r["configs"]["default"], r["configs"]["--low-memory"]
+    assert (default["train_batch_size"], default["gradient_checkpointing"]) == (4, False)
+    assert (low["train_batch_size"], low["gradient_checkpointing"]) == (2, True)
+    for c in (default, low):
+        assert c["log_ratio"]["beyond"] == 0 and c["log_ratio"]["rms"] < 1e-5 and c["grad_finite"] and c["grad_norm"]
+        assert set(c["phases"]) == {"load", "rollout", "previews + rewards", "update"}
+        assert all(p["s"] > 0 for p in c["phases"].values()) and c["phases"]["update"]["peak_gib"] > 0
+    assert r["checkpointing"]["relative_difference"] <= r["checkpointing"]["bound"] <= 1e-5
+    assert low["phases"]["update"]["peak_gib"] < default["phases"]["update"]["peak_gib"]
+
+
+@pytest.mark.parametrize("faults", [("off-policy", "checkpointing changes the model"), ("no gradient",)])
+def test_the_smoke_check_fails_with_exit_code_1_on_what_it_checks(faults, monkeypatch, capsys):
+    """Each check can fail: a rollout whose log-probs are 1e-4 off the policy's, a checkpointing switch that changes
+    the model (two faults in one run: each shows), and a velocity the loss cannot move give the verdict FAIL,
+    naming what failed, and exit code 1."""
+    from tools import bench
+
+    if "off-policy" in faults:
+        rollout = vgpo.rollout
+
+        def shifted(*a, **kw):
+            traj = rollout(*a, **kw)
+            traj.log_probs += 1e-4
+            return traj
+
+        monkeypatch.setattr(vgpo, "rollout", shifted)
+    if "checkpointing changes the model" in faults:
+        switch = bench._set_checkpointing
+
+        def changes_weights(transformer, on):  # switching it on also doubles the adapters' A matrices
+            switch(transformer, on)
+            with torch.no_grad():
+                for n, p in transformer.named_parameters():
+                    if on and "lora_A" in n:
+                        p.mul_(2.0)
+
+        monkeypatch.setattr(bench, "_set_checkpointing", changes_weights)
+    if "no gradient" in faults:
+        velocity = vgpo.guided_velocity
+        frozen = lambda *a, **kw: (lambda v: v.detach() + 0 * v)(velocity(*a, **kw))  # noqa: E731
+        monkeypatch.setattr(vgpo, "guided_velocity", frozen)
+    assert bench.main(SMOKE) == 1
+    verdict = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("verdict:")]
+    assert len(verdict) == 1 and verdict[0].startswith("verdict: FAIL"), verdict
+    said = {"off-policy": "on-policy log-ratios exceed", "checkpointing changes the model":
+            "checkpointing on and off give gradients", "no gradient": "the gradient is zero"}
+    assert all(said[f] in verdict[0] for f in faults)
+    assert not any(said[f] in verdict[0] for f in said if f not in faults)
+
+
+def test_out_of_memory_on_sd3_says_to_resume_with_checkpointing_or_start_with_low_memory(tiny_sd3, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Out of GPU memory in an SD3 run's update without checkpointing: exit code 4, a checkpoint of the epoch before,
+    and the command that continues with --gradient-checkpointing (which --resume accepts: it changes memory, not
+    the result), or a new run with --low-memory."""
+    folder, prompts, _ = tiny_sd3
+
+    def runs_out(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
+
+    monkeypatch.setattr(vgpo, "policy_loss", runs_out)
+    out = tmp_path / "run"
+    argv = ["--model", folder, "--prompts", prompts, "--output-dir", str(out), "--epochs", "2", "--num-steps", "3",
+            "--num-generations", "2", "--prompts-per-epoch", "2", "--train-batch-size", "2",
+            "--gradient-accumulation-steps", "2", "--eval-steps", "2", "--eval-batch-size", "4", "--resolution", "32",
+            "--max-sequence-length", "16", "--reward", "jpeg_compressibility"]
+    assert vgpo.main(argv) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "out of GPU memory in the update of epoch 1" in err, err
+    assert f"--resume {out} --gradient-checkpointing" in err and "--low-memory" in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["epoch_0000"]
+    monkeypatch.undo()
+    assert vgpo.main(["--resume", str(out), "--gradient-checkpointing"]) == 0
+    assert [json.loads(ln)["epoch"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_first_download_is_announced_and_its_progress_reported_off_a_terminal(tmp_path, monkeypatch):
+    """Loading a hub repository not in the Hugging Face cache yet says so (with SD3.5-M's size), then, off a terminal
+    where the hub's bars are hidden, reports how much has arrived while the cache folder grows, and the total at the
+    end. A cached repository, a local folder or --random-weights print nothing."""
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = sd3.HUB_IDS["sd3.5"]
+    blobs = tmp_path / ("models--" + repo.replace("/", "--")) / "blobs"
+    lines = []
+
+    def fetch():  # a download arriving in pieces, as the hub writes blobs/<hash>.incomplete
+        blobs.mkdir(parents=True)
+        for i in range(4):
+            (blobs / f"{i}.incomplete").write_bytes(b"x" * 300_000)
+            time.sleep(0.06)
+
+    with sd3.download_progress(repo, lines.append, every=0.05):
+        worker = threading.Thread(target=fetch)
+        worker.start()
+        worker.join()
+    assert lines[0].startswith(f"sd3.py: downloading {repo} (about 16 GB, once)") and str(tmp_path) in lines[0]
+    assert len(lines) >= 3 and "MB downloaded (" in lines[1] and lines[-1].endswith(" s")
+    assert lines[-1].startswith(f"sd3.py: {repo}: 1.2 MB downloaded in")
+    # cached: refs/main → snapshots/<commit>/model_index.json, and nothing arrives
+    snapshot = tmp_path / ("models--" + repo.replace("/", "--")) / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc")
+    lines.clear()
+    with sd3.download_progress(repo, lines.append, every=0.01):
+        time.sleep(0.05)
+    assert lines == []
+    args = vgpo.make_args(model="sd3.5", random_weights=True)
+    assert sd3.hub_repo(args) is None and not sd3.fetches(args)
+    assert sd3.hub_repo(vgpo.make_args(model="sd3.5")) == repo and sd3.fetches(vgpo.make_args(model="sd3.5"))
+    assert sd3.hub_repo(vgpo.make_args(model=str(tmp_path))) is None

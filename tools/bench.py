@@ -1,5 +1,6 @@
-"""Benchmarks that print their figures (never timed tests).
+"""Benchmarks that print their figures (never timed tests), and the smoke check to run first on a GPU.
 
+    python -m tools.bench --smoke             # first, on a new GPU: SD3.5-M, random weights, no download, minutes
     python -m tools.bench                     # toy world on this machine: VGPO's epoch time against GRPO's
     python -m tools.bench summarize runs/*    # a Markdown table of finished runs (held-out accuracy, time)
     python -m tools.bench --model sd3.5 --random-weights --resolution 512 --num-generations 8   # one GPU
@@ -17,6 +18,12 @@ given, final VAE decode included in both); VGPO's epoch time with both preview d
 peak GPU memory of an epoch with the default settings and with --low-memory (CUDA only); and training
 against forward TFLOP/s, where FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions and
 attention, as executed: the backward pass and the gradient-checkpointing recompute included).
+
+The smoke check (`--smoke`; SD3.5-M with random weights on a GPU, the tiny random pipeline where there is none)
+loads the model with the default settings, then with --low-memory, and for each: seconds and peak memory of load,
+rollout, previews + rewards and update; before the update, on a micro-batch mixing two prompt groups, the on-policy
+log-ratio (within 1e-5) and the gradient (finite, non-zero); once, the gradient with gradient checkpointing on
+against off. A one-line verdict; exit code 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -31,9 +38,12 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import harness
 import vgpo
@@ -362,6 +372,207 @@ def sd3_bench(a) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------------------------------
+# The smoke check: what to run first on a GPU (random weights, no download, a few minutes)
+# ----------------------------------------------------------------------------------------------------
+# Re-scored on-policy, before any update, a step's log-probability must be the rollout's: SD3's outputs can depend
+# on the batch a sample is computed in, and the update re-scores samples in micro-batches that mix prompt groups
+# the rollout computed apart. The loss clips ratios at 1 ± 1e-4 (SD3.5's ε): a drift of a tenth of that is the limit.
+SMOKE_LOG_RATIO = 1e-5
+# Checkpointing on and off must give the same gradient: recomputation repeats the forward with the same kernels on
+# the same inputs, so the two agree to the card's run-to-run noise. Allowed: 4× the difference between two runs
+# without checkpointing, and at least this relative difference (fp32: rounding of long sums; bf16: a few units of its
+# 2^-8 roundoff, should the recomputation round otherwise).
+SMOKE_GRAD_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+class TensorPeak(TorchDispatchMode):
+    """Within the block: the peak bytes of CPU tensors it allocated and still holds (a storage counted once, whatever
+    its views), in `peak`. The CPU's stand-in for torch.cuda.max_memory_allocated, which also counts what existed
+    before (the weights); every operation is intercepted, so timings taken inside are slower."""
+
+    def __enter__(self):
+        self.live, self.peak, self.held = 0, 0, set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size and key not in self.held:
+                self.held.add(key)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, key, size)
+        return out
+
+    def _freed(self, key, size):
+        self.held.discard(key)
+        self.live -= size
+
+
+@contextlib.contextmanager
+def _phase(device: str, out: dict, name: str, count_cpu: bool = True):
+    """Seconds and peak GiB of the block into out[name]: on CUDA torch's peak of allocated memory (everything on the
+    GPU), on the CPU the peak of the tensors the block allocates (TensorPeak; None with count_cpu=False)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    counter = TensorPeak() if count_cpu and not cuda else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with counter:
+        yield
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated() if cuda else counter.peak if count_cpu else None
+    out[name] = {"s": time.perf_counter() - t0, "peak_gib": None if peak is None else _gib(peak)}
+
+
+def _mixed_micro_batch(traj, size: int):
+    """size/2 trajectories of each of the first two prompt groups: a micro-batch the update may train on, mixing two
+    groups that the rollout sampled in separate micro-batches (when G ≥ its micro-batch)."""
+    idx = torch.cat([(traj.group_ids == g).nonzero().flatten()[: size // 2] for g in (0, 1)])
+    return vgpo.Trajectories(traj.latents[idx], traj.log_probs[idx], traj.x0_preds[idx], traj.sigmas,
+                             traj.images[idx], [traj.prompts[i] for i in idx.tolist()], traj.group_ids[idx])
+
+
+def _step_gradient(model, traj, advantages, args):
+    """vgpo.update on `traj` as one micro-batch and one optimizer step (lr 0: the weights stay): the gradient that
+    step sees (unclipped; None if the NaN guard skipped it) and the update's statistics, with ε = SMOKE_LOG_RATIO so
+    that policy/clip_frac is the share of ratios further than that from 1."""
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    optimizer, seen = torch.optim.SGD(params, lr=0.0), {}
+
+    def keep(*_):
+        seen["grad"] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
+                                  for p in params])
+
+    optimizer.register_step_pre_hook(keep)
+    one = dataclasses.replace(args, train_batch_size=len(traj.prompts), gradient_accumulation_steps=1,
+                              clip_range=SMOKE_LOG_RATIO, max_grad_norm=float("inf"))
+    stats = vgpo.update(model, traj, advantages, optimizer, one)
+    return seen.get("grad"), stats
+
+
+def _relative(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _set_checkpointing(transformer, on: bool) -> None:
+    (transformer.enable_gradient_checkpointing if on else transformer.disable_gradient_checkpointing)()
+
+
+def smoke(a) -> dict:
+    """The smoke check (module docstring): for the default settings and --low-memory, seconds and peak memory of
+    load, rollout, previews + rewards and update; before the update, on a micro-batch mixing two groups, the
+    on-policy log-ratio and the gradient; once, the gradient with checkpointing on against off. Returns the results
+    with `failures` (empty: passed)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = a.tmp
+    if a.tiny_sd3:  # the checks need no size: the smallest pipeline
+        import sd3
+
+        a.model = sd3.save_tiny_random_pipeline(os.path.join(tmp, "pipe"))
+    # quoted text, so that --reward ocr can score them too (its cost on this host's CPU: previews + rewards)
+    prompts = [f'a shop sign that says "OPEN {i}"' for i in range(a.prompts_per_epoch)]
+    prompt_file = os.path.join(tmp, "prompts.txt")
+    with open(prompt_file, "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    metadata = [{}] * (len(prompts) * a.num_generations)
+    r = {"setting": {k: v for k, v in vars(a).items() if k not in ("tmp", "model")} |
+         {"model": "tiny random SD3 pipeline" if a.tiny_sd3 else a.model}, "device": device,
+         "hardware": torch.cuda.get_device_name() if device == "cuda" else
+         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+         "date": time.strftime("%Y-%m-%d"), "configs": {}, "failures": []}
+    configs = {"default": {}, "--low-memory": dict(low_memory=True, train_batch_size=a.train_batch_size // 2)}
+    for name, extra in configs.items():
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        c = r["configs"][name] = {"phases": {}}
+        # loading reads files through libraries that the CPU counter would slow down for nothing
+        with _phase(device, c["phases"], "load", count_cpu=False):
+            args = _bench_args(a, prompt_file, **extra)
+            model = vgpo.load_model(args)
+        c.update(train_batch_size=args.train_batch_size, gradient_checkpointing=args.gradient_checkpointing,
+                 dtype=str(model.parts["dtype"]).removeprefix("torch."))
+        reward_fn = vgpo.make_reward(args, device)
+        with _phase(device, c["phases"], "rollout"):
+            traj = vgpo.rollout(model, prompts, args, generator=torch.Generator().manual_seed(0))
+        with _phase(device, c["phases"], "previews + rewards"):
+            rewards = vgpo.instant_rewards(model, traj, reward_fn, metadata, previews=True)
+        # --- the checks, before any update: the rollout's policy re-scored ---
+        mixed = _mixed_micro_batch(traj, args.train_batch_size)
+        adv = torch.randn(len(mixed.prompts), args.num_steps, generator=torch.Generator().manual_seed(1)).to(device)
+        grad, stats = _step_gradient(model, mixed, adv, args)
+        c["log_ratio"] = {"beyond": stats.get("policy/clip_frac", 1.0),
+                          "rms": float(np.sqrt(2 * stats.get("policy/approx_kl", float("nan"))))}
+        c["grad_norm"] = None if grad is None else float(grad.norm())
+        c["grad_finite"] = grad is not None and bool(torch.isfinite(grad).all())
+        if c["log_ratio"]["beyond"] > 0:
+            r["failures"].append(f"{name}: {c['log_ratio']['beyond']:.1%} of on-policy log-ratios exceed "
+                                 f"{SMOKE_LOG_RATIO:g} (RMS {c['log_ratio']['rms']:.2g})")
+        if not c["grad_finite"] or not c["grad_norm"]:
+            r["failures"].append(f"{name}: the gradient is {'not finite' if not c['grad_finite'] else 'zero'}")
+        if name == "default" and grad is not None:
+            _set_checkpointing(model.transformer, args.gradient_checkpointing)  # as loaded, then the other way
+            again, _ = _step_gradient(model, mixed, adv, args)
+            _set_checkpointing(model.transformer, not args.gradient_checkpointing)
+            other, _ = _step_gradient(model, mixed, adv, args)
+            _set_checkpointing(model.transformer, args.gradient_checkpointing)
+            noise = _relative(again, grad)
+            diff = _relative(other, grad) if other is not None else float("inf")
+            bound = max(SMOKE_GRAD_FLOOR.get(model.parts["dtype"], 1e-2), 4 * noise)
+            r["checkpointing"] = {"relative_difference": diff, "repeat_difference": noise, "bound": bound}
+            if not diff <= bound:
+                r["failures"].append(f"checkpointing on and off give gradients {diff:.2g} apart (relative), more "
+                                     f"than {bound:.2g}")
+        # --- the update of the whole rollout, as an epoch runs it ---
+        advantages = vgpo.credit(rewards, traj.group_ids, args)[2]
+        optimizer = vgpo.make_optimizer(model, args)
+        with _phase(device, c["phases"], "update"):
+            vgpo.update(model, traj, advantages, optimizer, args)
+        del model, traj, optimizer, grad
+    r["passed"] = not r["failures"]
+    return r
+
+
+def print_smoke(r) -> None:
+    s, cpu = r["setting"], r["device"] == "cpu"
+    print(f"\nsmoke check: {r['hardware']}, {r['date']}, --model {s['model']}"
+          f"{' (random weights)' if s.get('random_weights') else ''}, {s['resolution']} px, "
+          f"N = {s['prompts_per_epoch']}×{s['num_generations']}, T = {s['num_steps']}, CFG {s['guidance_scale']}")
+    names = list(r["configs"])
+    print(f"{'':34s}" + "".join(f"{n:>26s}" for n in names))
+    print(f"{'micro-batch, checkpointing, dtype':34s}" + "".join(
+        f"{c['train_batch_size']:>14d}, {'on' if c['gradient_checkpointing'] else 'off':>3s}, {c['dtype']:>6s}"
+        for c in r["configs"].values()))
+    unit = "s / peak GiB of new CPU tensors" if cpu else "s / peak GiB allocated"
+    for phase in ("load", "rollout", "previews + rewards", "update"):
+        cells = []
+        for c in r["configs"].values():
+            ph = c["phases"][phase]
+            cells.append(f"{ph['s']:8.2f} s / " + ("   n/a" if ph["peak_gib"] is None else f"{ph['peak_gib']:6.3g}"))
+        print(f"{phase + ' (' + unit + ')' if phase == 'load' else phase:34s}" + "".join(f"{x:>26s}" for x in cells))
+    print(f"{'on-policy log-ratio > ' + format(SMOKE_LOG_RATIO, 'g'):34s}" + "".join(
+        f"{format(c['log_ratio']['beyond'], '.1%') + ' (RMS ' + format(c['log_ratio']['rms'], '.1g') + ')':>26s}"
+        for c in r["configs"].values()))
+    print(f"{'gradient norm (finite)':34s}" + "".join(
+        f"{format(c['grad_norm'] or 0.0, '.3g') + (' ✓' if c['grad_finite'] and c['grad_norm'] else ' ✗'):>26s}"
+        for c in r["configs"].values()))
+    if "checkpointing" in r:
+        ck = r["checkpointing"]
+        print(f"checkpointing on vs off: relative difference {ck['relative_difference']:.2g} (bound {ck['bound']:.2g}; "
+              f"two runs alike: {ck['repeat_difference']:.2g})")
+    if cpu:
+        print("(CPU: times include the memory counting; run it on the GPU for real figures)")
+    print("verdict: PASS: the update re-scores the rollout's policy, gradients flow, checkpointing changes only memory"
+          if r["passed"] else "verdict: FAIL: " + "; ".join(r["failures"]))
+
+
 def print_sd3(r) -> None:
     cpu = r["device"] == "cpu"
     print(f"\n{'CPU figures (not a GPU measurement)' if cpu else 'GPU figures'}: {r['hardware']}, {r['date']}, "
@@ -402,8 +613,10 @@ def main(argv=None):
         for name, m in r["models"].items():
             print(f"| {name} | {m['params_m']:.1f} M | {m['median_s']:.2f} | {m['ratio']:.2f} |")
         return
-    if any(x.startswith("--model") or x == "--tiny-sd3" for x in argv):
+    if any(x.startswith("--model") or x in ("--tiny-sd3", "--smoke") for x in argv):
         p = argparse.ArgumentParser(description="SD3-family benchmark (see the module docstring)")
+        p.add_argument("--smoke", action="store_true",
+                       help="the checks to run first on a GPU (random weights; the tiny pipeline where no GPU is)")
         p.add_argument("--model", default="", help="sd3.5, sd3.5-large, a hub id or a local diffusers folder")
         p.add_argument("--tiny-sd3", action="store_true", help="build a tiny random SD3 pipeline and bench it (CPU)")
         p.add_argument("--random-weights", action="store_true")
@@ -420,22 +633,37 @@ def main(argv=None):
         p.add_argument("--tiny-preview", default="",
                        help="AutoencoderTiny folder for the tiny previews (default TAESD3)")
         p.add_argument("--epochs", type=int, default=1, help="timed epochs per configuration (after one warm-up each)")
-        p.add_argument("--out", default="bench-sd3.json")
+        p.add_argument("--out", default=None, help="JSON of the results (default bench-sd3.json; --smoke: none)")
         a = p.parse_args(argv)
+        if a.smoke:  # random weights, no download: SD3.5-M on a GPU, the tiny pipeline where there is none
+            import sd3
+
+            a.model = a.model or ("sd3.5" if torch.cuda.is_available() else "")
+            a.tiny_sd3 = a.tiny_sd3 or not a.model
+            a.random_weights = a.random_weights or a.model in sd3.HUB_IDS
+            if a.tiny_sd3:
+                print("smoke check on the tiny random SD3 pipeline" + ("" if a.model else " (no GPU here)"))
+            if a.train_batch_size < 4 or a.train_batch_size % 4 or a.num_generations < a.train_batch_size // 2:
+                print("tools.bench: error: --smoke needs --train-batch-size a multiple of 4 (its micro-batch and "
+                      "--low-memory's half mix two prompt groups equally) and --num-generations ≥ half of it",
+                      file=sys.stderr)
+                return 2
         if a.resolution is None:
             a.resolution = TINY_SD3_RESOLUTION if a.tiny_sd3 else 512
         a.tmp = tempfile.mkdtemp(prefix="vgpo-bench-")
         try:
-            r = sd3_bench(a)
+            r = smoke(a) if a.smoke else sd3_bench(a)
         except harness.UsageError as e:
             print(f"tools.bench: error: {e}", file=sys.stderr)
             return 2
         finally:
             shutil.rmtree(a.tmp, ignore_errors=True)
-        print_sd3(r)
-        with open(a.out, "w") as f:
-            json.dump(r, f, indent=2)
-        return 0
+        (print_smoke if a.smoke else print_sd3)(r)
+        out = a.out or (None if a.smoke else "bench-sd3.json")
+        if out:
+            with open(out, "w") as f:
+                json.dump(r, f, indent=2)
+        return 0 if r.get("passed", True) else 1
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=6, help="timed epochs per algorithm (after one warm-up each)")
     p.add_argument("--out", default="bench-toy.json")
