@@ -132,7 +132,9 @@ def test_tools_notebook_writes_the_student_copy_and_bad_input_is_one_line_exit_2
     assert tool.main(["--student", str(out)]) == 0
     assert nbformat.read(str(out), as_version=4).metadata["vgpo_tutorial_edition"] == "student"
     capsys.readouterr()
-    for argv, needle in [(["--student", NOTEBOOK], "teacher's edition"),
+    own = tmp_path / "tutorial.ipynb"  # a copy: were the check broken, the committed notebook would be overwritten
+    own.write_text(open(NOTEBOOK, encoding="utf-8").read(), encoding="utf-8")
+    for argv, needle in [(["--notebook", str(own), "--student", str(own)], "teacher's edition"),
                          (["--student", str(tmp_path / "no" / "lab.ipynb")], "no folder"),
                          (["--student", str(out), "--quick"], "give one of them"),
                          (["--notebook", str(tmp_path / "none.ipynb")], "no such file"),
