@@ -1,12 +1,15 @@
-"""Tests of tutorial.ipynb (executed headless in quick mode), its lab exercises, and tools/experiments.py."""
+"""Tests of tutorial.ipynb (executed headless in quick mode, in a kernel that sees only what the lab install installs),
+its lab exercises, and tools/experiments.py."""
 import ast
 import glob
+import importlib.metadata
+import importlib.util
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
-
-import re
 
 import nbformat
 import pytest
@@ -23,52 +26,124 @@ def _pngs_by_section(nb):
     """{section number: PNG outputs in that section}, sections being the '## N.' markdown headings."""
     counts, section = {}, 0
     for cell in nb.cells:
-        if cell.cell_type == "markdown" and cell.source.startswith("## "):
+        if cell.cell_type == "markdown" and re.match(r"## \d+\.", cell.source):
             section = int(cell.source[3:].split(".")[0])
         counts[section] = counts.get(section, 0) + (_pngs(cell) if cell.cell_type == "code" else 0)
     return counts
 
 
-@pytest.fixture()
-def kernel(tmp_path, monkeypatch):
-    """A kernelspec for this interpreter, so the test does not depend on what 'python3' means elsewhere."""
-    spec = tmp_path / "kernels" / "vgpo-test"
+def lab_distributions() -> set[str]:
+    """The distributions a lab machine has: what `pip install -r requirements-lab.txt` installs, torch (installed
+    on its own, README), and a Jupyter kernel (ipykernel); each with everything it requires, by installed metadata."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = open(os.path.join(ROOT, "requirements-lab.txt"), encoding="utf-8").read().splitlines()
+    todo = [Requirement(ln).name for ln in lines if ln.strip() and not ln.startswith("#")] + ["torch", "ipykernel"]
+    seen = set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:  # not installed here: nothing of it can be imported either
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def lab_kernel(tmp_path_factory):
+    """A kernelspec for this interpreter that sees only the lab's distributions: a folder of links to their files
+    is its whole site-packages (python -S skips the real one), so an import of anything else fails in it."""
+    from packaging.utils import canonicalize_name
+
+    tmp = tmp_path_factory.mktemp("lab")
+    site = tmp / "site-packages"
+    site.mkdir()
+    allowed = lab_distributions()
+    for dist in importlib.metadata.distributions():
+        if canonicalize_name(dist.metadata["Name"]) not in allowed:
+            continue
+        for top in {f.parts[0] for f in dist.files or [] if f.parts and f.parts[0] != ".."}:
+            src, dst = dist.locate_file(top), site / top
+            if os.path.exists(src) and not dst.exists():
+                dst.symlink_to(src)
+    spec = tmp / "kernels" / "vgpo-lab"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
-                                                           "{connection_file}"], "display_name": "vgpo test",
-                                                  "language": "python"}))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
-    return "vgpo-test"
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-S", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "vgpo lab", "language": "python", "env": {"PYTHONPATH": str(site)}}))
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(tmp)
+    yield "vgpo-lab"
+    if old is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = old
 
 
-def test_notebook_runs_headless_in_quick_mode_and_draws_its_plots(kernel, monkeypatch):
-    """The committed tutorial.ipynb executes without error in quick mode and sections 1–5 each draw a plot."""
+def execute_quick(nb, kernel_name):
+    """`nb` executed top to bottom in quick mode at the suite's thread count, in the repository root."""
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("VGPO_TUTORIAL_QUICK", "1")
-    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend turns figures into PNG outputs
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs = []
-    NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": ROOT}}).execute()
+    env = {"VGPO_TUTORIAL_QUICK": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    saved = {k: os.environ.get(k) for k in (*env, "MPLBACKEND")}
+    os.environ.update(env)
+    os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend turns figures into PNG outputs
+    try:
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.outputs = []
+        NotebookClient(nb, timeout=300, kernel_name=kernel_name, resources={"metadata": {"path": ROOT}}).execute()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return nb
+
+
+def test_notebook_runs_in_quick_mode_with_only_the_lab_install_and_draws_its_plots(lab_kernel):
+    """The committed tutorial.ipynb executes without error in quick mode in a kernel that can import only what the
+    lab install installs (so the notebook imports nothing more); every section draws a plot, and every exercise of
+    the teacher's edition matches vgpo's."""
+    nb = execute_quick(nbformat.read(NOTEBOOK, as_version=4), lab_kernel)
     counts = _pngs_by_section(nb)
-    assert all(counts.get(s, 0) >= 1 for s in (1, 2, 3, 4, 5)), counts
-    assert counts[4] >= 2 and counts[5] >= 2, counts
+    assert all(counts.get(s, 0) >= 1 for s in (1, 2, 3, 4, 5, 6, 8)), counts  # 7, SD3.5, prints settings
+    assert counts[4] >= 1 and counts[6] >= 2 and counts[8] >= 1, counts
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "mode: quick" in text and "not attempted yet" in text
+    assert "mode: quick" in text
+    assert text.count("matches vgpo.") == len(exercises()) and "not yet" not in text and "differs" not in text
+
+
+def test_the_lab_kernel_cannot_import_what_the_lab_install_lacks(lab_kernel):
+    """The restricted kernel of these tests is restricted: the OCR engine and the notebook runner are installed here
+    but not importable there, while torch and diffusers are."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import importlib.util\nprint([importlib.util.find_spec(m) is not None for m in "
+        "('torch', 'diffusers', 'rapidocr_onnxruntime', 'nbclient', 'transformers')])")])
+    assert importlib.util.find_spec("nbclient") and importlib.util.find_spec("rapidocr_onnxruntime")
+    out = execute_quick(nb, lab_kernel).cells[0].outputs[0]["text"]
+    assert out.strip() == "[True, True, False, False, False]", out
 
 
 def test_committed_notebook_is_executed_small_with_plots_and_redefines_nothing():
-    """tutorial.ipynb was executed top to bottom in one kernel (execution counts 1…n, no error output; refresh it with
-    `python -m tools.notebook`), has its plots, is ≤ 2 MB and defines no function of the library."""
+    """tutorial.ipynb was executed top to bottom in one kernel in full mode (execution counts 1…n, no error output;
+    refresh it with `python -m tools.notebook`), has its plots, is ≤ 2 MB and defines no function of the library."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "python -m tools.notebook"
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert nb.metadata.get("vgpo_tutorial_mode") == "full"
     assert os.path.getsize(NOTEBOOK) <= 2_000_000
-    assert sum(_pngs(c) for c in code) >= 7
+    assert sum(_pngs(c) for c in code) >= 10
     import harness, recovery, reward, shapes, vgpo
 
     library = {n for m in (vgpo, harness, recovery, shapes, reward) for n in dir(m)
@@ -90,14 +165,14 @@ def _tests_by_name():
 
 
 def exercises() -> list[tuple[str, str]]:
-    """(function, pytest -k selector) of each lab exercise, as section 7 of the notebook lists them."""
+    """(function, pytest -k selector) of each lab exercise, as the notebook's lab section lists them."""
     section = next(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells
-                   if c.cell_type == "markdown" and c.source.startswith("## 7."))
+                   if c.cell_type == "markdown" and re.match(r"## \d+\. Lab exercises", c.source))
     return re.findall(r'^- `(\w+)`: `VGPO_SOLUTIONS=my_solutions.py python -m pytest -q -k "([^"]+)"`$', section, re.M)
 
 
 def test_the_notebook_lists_an_exercise_for_each_function_it_asks_for():
-    """Each 'def my_NAME' cell of section 7 has its line in the exercise list, and each listed name is vgpo's."""
+    """Each 'def my_NAME' cell of the lab section has its line in the exercise list, and each listed name is vgpo's."""
     import vgpo
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -119,16 +194,25 @@ def test_each_exercise_selector_selects_tests_that_call_the_function(function, s
     assert any(f"vgpo.{function}(" in s for s in chosen.values()), (function, sorted(chosen))
 
 
-def test_a_wrong_solution_fails_the_exercise_tests(tmp_path):
-    """VGPO_SOLUTIONS puts the learner's function in place of vgpo's: a wrong vgpo_advantages fails `-k advantage`."""
+# A wrong answer to each exercise: vgpo's own function (same parameters), its result moved a little
+WRONG = {"sde_step_with_logprob": "(out[0], out[1] + 0.01, out[2], out[3])", "policy_loss": "(1.01 * out[0], out[1])"}
+
+
+@pytest.mark.parametrize("function, selector", exercises())
+def test_a_wrong_solution_fails_the_exercise_tests(tmp_path, function, selector):
+    """VGPO_SOLUTIONS puts the learner's function in place of vgpo's: a slightly wrong one fails the exercise's
+    tests."""
+    import vgpo
+
     wrong = tmp_path / "my_solutions.py"
-    wrong.write_text("import vgpo\n_right = vgpo.vgpo_advantages\n"
-                     "def my_vgpo_advantages(*a, **k):\n    return 1.01 * _right(*a, **k)\n")
+    wrong.write_text(f"import vgpo\n_right = vgpo.{function}\n\n"
+                     f"def my_{function}{inspect.signature(getattr(vgpo, function))}:\n"
+                     f"    out = _right(**dict(locals()))\n    return {WRONG.get(function, '1.01 * out + 0.01')}\n")
     env = {**os.environ, "VGPO_SOLUTIONS": str(wrong)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "advantage",
-                           "test_vgpo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", selector, "test_vgpo.py",
+                           "tests/test_lab.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "failed" in proc.stdout, proc.stdout[-2000:]
-    assert "testing your vgpo_advantages" in proc.stdout
+    assert f"testing your {function} in place" in proc.stdout
 
 
 SMALL = ["--set", "prompts_per_epoch=2", "--set", "num_generations=4", "--set", "train_batch_size=4",

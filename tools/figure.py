@@ -4,8 +4,10 @@
 
 For the G trajectories of one training prompt it plots the instant rewards r_k of the one-step previews
 (paper Eq. 9), the values Q_k (Eq. 10), the step weights ω_k (Eq. 11) and VGPO's advantage Â_k (Eqs. 12–13)
-beside GRPO's, which is the same at every step. The prompt is the one, of two per category, whose group
-disagrees most; every number comes from vgpo.py's own functions.
+beside GRPO's, which is the same at every step, each trajectory coloured by what happened to it (succeeded; failed
+after a passing preview; never passed: the tutorial's section 4 explains why the second kind gets the largest negative
+advantage on its good-looking steps). The prompt is the one, of two per category, whose group disagrees most; every
+number comes from vgpo.py's own functions.
 """
 from __future__ import annotations
 
@@ -55,27 +57,33 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     model = vgpo.load_model(args)
     prompt, r, values, weights, adv, grpo = one_group(args, model, vgpo.make_reward(args, model.device), a.seed)
-    T, last = args.num_steps, r[:, -1]
-    fig, axes = plt.subplots(1, 4, figsize=(11, 3.4))
+    T, last, S = args.num_steps, r[:, -1], vgpo.sde_window(args.num_steps, args.sde_steps)
+    # what happened to each trajectory: the colour key of the tutorial's section 4, where the plot is explained
+    early = (r[:, : T - 2] > 0.5).any(dim=1)  # some preview before the final image passed
+    kinds = ["succeeded" if last[i] > 0.5 else "failed after a passing preview" if early[i] else "never passed"
+             for i in range(len(r))]
+    colour = {"succeeded": "tab:green", "failed after a passing preview": "tab:orange", "never passed": "tab:red"}
+    offset = torch.linspace(-0.15, 0.15, len(r)).tolist()  # sideways, so that identical trajectories stay visible
+    fig, axes = plt.subplots(1, 4, figsize=(10, 3.4))
     panels = [("instant reward $r_k$ (Eq. 9)", r), ("value $Q_k$ (Eq. 10)", values),
               ("step weight $ω_k$ (Eq. 11)", weights), ("advantage $Â_k$ (Eqs. 12–13)", adv)]
     for ax, (title, val) in zip(axes, panels):
-        labelled = set()
+        ax.axvspan(-0.5, S - 0.5, color="tab:blue", alpha=0.08, lw=0, label=f"trained steps 0–{S - 1}")
         for i in range(len(val)):
-            kind = "best final reward" if last[i] >= last.max() else "lower final reward"
-            ax.plot(range(T), val[i].tolist(), "o-", ms=3, lw=1.2, alpha=0.8,
-                    color="tab:green" if kind.startswith("best") else "tab:red",
-                    label=None if kind in labelled else kind)
-            labelled.add(kind)
+            ax.plot([k + offset[i] for k in range(T)], val[i].tolist(), "o-", ms=3, lw=1.1, alpha=0.85,
+                    color=colour[kinds[i]], label=kinds[i] if kinds.index(kinds[i]) == i else None)
         ax.set(title=title, xlabel="step k", xticks=range(0, T, 2))
-    axes[3].plot(range(T), grpo[0].tolist(), ":", lw=1, color="grey", label="GRPO, every step")
+    axes[3].plot(range(T), grpo[0].tolist(), ":", lw=1.2, color="k", label="GRPO's, every step")
     for i in range(1, len(grpo)):
-        axes[3].plot(range(T), grpo[i].tolist(), ":", lw=1, color="grey")
-    axes[3].axvspan(args.anchor_steps - 0.5, T - 0.5, color="0.93", zorder=0, label="no absolute term")
-    fig.legend(*axes[3].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=9, frameon=False)
+        axes[3].plot(range(T), grpo[i].tolist(), ":", lw=1.2, color="k")
+    axes[3].axhline(0, color="k", lw=0.4)
+    handles, labels = axes[3].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda j: list(colour).index(labels[j]) if labels[j] in colour else 9)
+    fig.legend([handles[j] for j in order], [labels[j] for j in order], loc="lower center", ncol=5, fontsize=8.5,
+               frameon=False)
     fig.suptitle(f"one group of G = {args.num_generations} trajectories of '{prompt}' (toy world, base model, "
                  f"reward {args.reward})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     fig.savefig(a.out, dpi=90)
     print(f"wrote {a.out}")
