@@ -223,7 +223,8 @@ SMALL = ["--set", "prompts_per_epoch=2", "--set", "num_generations=4", "--set", 
 def test_experiments_run_in_shards_score_summarise_and_skip_finished_runs(tmp_path, capsys):
     """tools/experiments.py: two shards run the plan between them (each run once), every final policy is scored
     under the three evaluation-noise seeds (the first is the run's own last evaluation, the others new ones), the
-    table quotes those scores, and finished runs are skipped."""
+    table quotes those scores, finished runs are skipped, and the archive in results/ alone (the run folders gone)
+    gives the same summary."""
     from tools import experiments
 
     prompts = tmp_path / "p.txt"
@@ -232,8 +233,9 @@ def test_experiments_run_in_shards_score_summarise_and_skip_finished_runs(tmp_pa
             *SMALL, "--set", "eval_steps=20",  # images the verifier can pass, so noise seeds differ
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
     assert experiments.main(["run", *argv, "--shard", "0/2"]) == 0
-    assert "2 runs planned for this shard, 0 already finished, 2 to run" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path / "runs")) == ["grpo-e2-s0", "vgpo-anchor_coef=0.0-e2-s0"]  # its half
+    assert "3 runs planned for this shard, 0 already finished, 3 to run" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "runs")) == ["grpo-e2-s0", "vgpo-anchor_coef=0.0-e2-s0",
+                                                     "vgpo-step_weights=False-e2-s0"]  # its half
     assert experiments.main(["run", *argv, "--shard", "1/2"]) == 0
     assert "2 runs planned for this shard, 0 already finished, 2 to run" in capsys.readouterr().out
     folder = tmp_path / "runs" / "grpo-e2-s0"
@@ -258,8 +260,17 @@ def test_experiments_run_in_shards_score_summarise_and_skip_finished_runs(tmp_pa
     assert f"| grpo | 1 | **{scored['strict_accuracy']:.3f}** |" in table
     assert (tmp_path / "results" / "main.png").exists()
     assert "| temporal values (ω and previews) |" in table and "| the anchor (κ·Q̄) |" in table  # the 2 × 2
+    assert "| no-step-weights | 1 |" in table and "Preview agreement" in table
+    archived = json.loads((tmp_path / "results" / "experiments-runs.json").read_text())
+    assert archived["grpo-e2-s0"]["score"] == scored and len(archived["grpo-e2-s0"]["rows"]) == len(rows)
     assert experiments.main(["run", *argv]) == 0
-    assert "4 runs planned, 4 already finished, 0 to run" in capsys.readouterr().out
+    assert "5 runs planned, 5 already finished, 0 to run" in capsys.readouterr().out
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # the summary from the archive alone
+    os.remove(tmp_path / "results" / "experiments.md")
+    assert experiments.main(["summarise", *argv]) == 0
+    assert (tmp_path / "results" / "experiments.md").read_text() == table
     assert experiments.main(["summarise", "--only", "nope"]) == 2
     assert experiments.main(["run", "--shard", "2/2"]) == 2
 
