@@ -7,7 +7,7 @@ From x_S on nothing is random: V(x_S) = R. This tool measures how well each cred
 parts, GRPO's) tracks A*_k, what the previews predict, and what VGPO's step weights do to failed and solved
 trajectories; `Oracle` is a credit rule that uses A*_k itself (the oracle arm of tools.experiments).
 
-    python -m tools.credit                            # the base model → results/credit-base.json (≈ 8 min at 1 thread)
+    python -m tools.credit                            # the base model → results/credit-base.json, credit.md
     python -m tools.credit --policy runs/experiments/vgpo-e80-s0 --label trained   # a trained policy
     python -m tools.credit report                     # results/credit.md and credit-truth.png from the JSON files
 
@@ -292,7 +292,7 @@ def report_section(d: dict, label: str) -> list[str]:
     s, S = d["settings"], d["settings"]["trained_steps"]
     c, t, p = d["checks"], d["truth"], d["previews"]
     steps = " | ".join(f"step {k}" for k in range(S))
-    lines = [f"## {label}: {s['policy']}", "",
+    lines = [f"## {'The base model' if s['policy'] == 'base' else 'The policy of ' + s['policy']} ({label})", "",
              f"{s['trajectories']} trajectories ({s['prompts']} training prompts × {s['group_size']}), "
              f"{s['continuations']} continuations from each of x_0…x_{S - 1}, seed {s['seed']}; {S} trained steps of "
              f"{s['num_steps']}; {s['bootstrap']} bootstrap resamples of the groups. "
@@ -356,7 +356,7 @@ def plot(found: dict, path: str) -> None:
 
     fig, ax = plt.subplots(1, 3, figsize=(10, 3.5))
     styles = {"GRPO": ("tab:red", "o"), "VGPO": ("tab:blue", "s"), "VGPO, ω ≡ 1": ("tab:orange", "^"),
-              "anchor only": ("tab:purple", "v")}
+              "anchor only": ("tab:purple", "v"), "oracle": ("black", "*")}
     for (label, d), ls in zip(found.items(), ("-", "--")):
         S = d["settings"]["trained_steps"]
         ks = np.arange(S)
@@ -366,12 +366,15 @@ def plot(found: dict, path: str) -> None:
                        label="corr(r_k, R)")
             ax[0].plot(ks, [np.nan if v is None else v for v in p["corr_r_V"]], "s--", color="tab:green",
                        label="corr(r_k, V(x_{k+1}))")
+            ax[0].plot(ks, [np.nan if v is None else v for v in p["corr_R_V"]], "D-.", color="tab:red",
+                       label="corr(R, V(x_{k+1}))")
             ax[0].plot(ks, d["truth"]["sd_A"], "^:", color="black", label="s.d. of A*_k")
         for name, (color, marker) in styles.items():
-            v = d["corr_with_A"][name]
+            v = d["corr_with_A"].get(name) or next(v for v in d["corr_with_A"].values() if "note" in v)  # the oracle
             ax[1].errorbar(ks + 0.05 * list(styles).index(name), v["value"][:S], yerr=v["se"][:S], ls=ls,
                            marker=marker, color=color, ms=4, capsize=2,
-                           label=name if ls == "-" else None)
+                           label=(f"oracle, M = {d['settings']['oracle_continuations']}" if name == "oracle"
+                                  else name) if ls == "-" else None)
         ax[1].plot(ks, d["truth"]["ceiling"], ls, color="grey", lw=3, alpha=0.4,
                    label="ceiling (noise of A*)" if ls == "-" else None)
         kind = d["omega"]["failed, a preview passed"]

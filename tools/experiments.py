@@ -485,13 +485,15 @@ def summarise(runs: list[Run], opts) -> str:
              "accuracy (GenEval's mean over the six categories); 'final' averages the final policy's evaluations under "
              "three evaluation-noise seeds, '@E' and 'best' use the first seed (the run's own evaluations; @0 is "
              "the base model). Mean ± standard error over training seeds; '− GRPO, same seeds' is the mean of "
-             "the per-seed differences. Seconds per epoch: wall time at one thread, two runs sharing 2 CPU cores. "
+             "the per-seed differences. Seconds per epoch: wall time at one thread per run, on 2 CPU cores shared by "
+             "several runs (results/RESULTS.md says how many). "
              "'Below the base': runs whose final accuracy ends under the base model's"
              + (f" ({base['strict_accuracy']:.3f} under the same three noise seeds)." if base else "."), "",
-             f"Command: `{opts.cmdline}`", "", "## GRPO, VGPO and its two halves", ""]
+             f"Command: `{opts.cmdline}`", "", "## GRPO, VGPO, its two halves, its step weights, and an oracle", ""]
     lines += main_tables(data, opts, base)
-    lines += ["## Sensitivity (VGPO, one setting changed from the preset)", ""]
-    lines += sensitivity_table(data, opts)
+    if any(r.group == "sensitivity" for r in runs):
+        lines += ["## Sensitivity (VGPO, one setting changed from the preset)", ""]
+        lines += sensitivity_table(data, opts)
     for p in plots(data, opts, base):
         lines.append(f"![{os.path.basename(p)}]({os.path.basename(p)})")
     text = "\n".join(lines) + "\n"
@@ -621,7 +623,7 @@ def main(argv=None) -> int:
     p.add_argument("--sensitivity-seeds", type=int, default=2, help="seeds of the sensitivity sweep (default 2)")
     p.add_argument("--oracle-seeds", type=int, default=3, help="seeds of the oracle arm (default 3)")
     p.add_argument("--continuations", type=int, default=3,
-                   help="oracle: continuations per state for V(x_k) (default 3: one seed ≈ 35 CPU min)")
+                   help="oracle: continuations per state for V(x_k) (default 3; its cost and noise: results/)")
     p.add_argument("--shard", default="0/1", help="K/N: run every N-th missing run from the K-th, to use N processes")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="change a vgpo.Args field in every run")
     p.add_argument("--deadline", default="", help="UTC HH:MM after which no new run starts (the current one finishes)")
