@@ -526,7 +526,8 @@ def test_no_step_weights_changes_only_omega():
     assert not torch.equal(weights, weights_off)
     torch.testing.assert_close(adv, weights * adv_off)
     plain = dataclasses.replace(args, temporal_values=False)
-    for a, b in zip(vgpo.credit(r, groups, plain), vgpo.credit(r, groups, dataclasses.replace(plain, step_weights=False))):
+    unweighted = dataclasses.replace(plain, step_weights=False)
+    for a, b in zip(vgpo.credit(r, groups, plain), vgpo.credit(r, groups, unweighted)):
         assert torch.equal(a, b)
 
 

@@ -445,6 +445,7 @@ BAD = [  # (field, argv, words the one-line message must contain); {tmp} is a fr
     ("anchor_coef", ["--anchor-coef", "-1"], "--anchor-coef"),
     ("anchor_steps", ["--anchor-steps", "-1"], "--anchor-steps"),
     ("temporal_values", ["--temporal-values=yes"], "--temporal-values"),
+    ("step_weights", ["--step-weights=no"], "--step-weights"),
     ("scale_rewards", ["--scale-rewards", "global"], "--scale-rewards"),
     ("adv_clip_max", ["--adv-clip-max", "0"], "--adv-clip-max"),
     ("clip_range", ["--clip-range", "1.5"], "--clip-range"),

@@ -297,7 +297,8 @@ def report_section(d: dict, label: str) -> list[str]:
              f"{s['continuations']} continuations from each of x_0…x_{S - 1}, seed {s['seed']}; {S} trained steps of "
              f"{s['num_steps']}; {s['bootstrap']} bootstrap resamples of the groups. "
              f"{d['seconds']['total'] / 60:.1f} min ({d['seconds']['cpu'] / 60:.1f} CPU min).", "",
-             f"Checks: continuing x_1 with the rollout's own noise reproduces its x_T to {c['continuation_reproduces_rollout_max_abs']:.1e}; "
+             "Checks: continuing x_1 with the rollout's own noise reproduces its x_T to "
+             f"{c['continuation_reproduces_rollout_max_abs']:.1e}; "
              f"two continuations from x_{S} differ by {c['from_x_S_max_abs']:.1e} and "
              f"{'give' if c['from_x_S_reward_equals_R'] else 'do NOT give'} R; mean R {c['mean_R']:.3f}, mean V̂(x_k), "
              f"k = 0…{S}: " + ", ".join(f"{v:.3f} ± {e:.3f}" for v, e in zip(c["mean_V"], c["mean_V_se"])) + ".", "",
@@ -386,7 +387,8 @@ def plot(found: dict, path: str) -> None:
             ax[2].plot(ks, np.array(kind["A_star"][:S]) * 5, "k:", label="A*_k × 5")
             ax[2].set_title(f"failed after a passing preview (n = {kind['count']})", fontsize=9)
         elif ls == "-":
-            ax[2].text(0.5, 0.5, "no failed trajectory\nafter a passing preview", ha="center", transform=ax[2].transAxes)
+            ax[2].text(0.5, 0.5, "no failed trajectory\nafter a passing preview", ha="center",
+                       transform=ax[2].transAxes)
     ax[0].set(xlabel="step k", ylabel="correlation / s.d.", title="previews and the truth")
     ax[1].set(xlabel="step k", ylabel="corr(Â_k, A*_k)",
               title="credit against the truth" + (" (dashed: trained)" if len(found) > 1 else ""))
@@ -450,7 +452,8 @@ def main(argv=None) -> int:
                                          "python vgpo.py wrote")
             args = recovery.resume_args(vgpo.Args, opts.policy) if opts.policy else vgpo.make_args(model="tiny")
             if args.model != "tiny":
-                raise harness.UsageError("the truth by branching needs the toy world: --policy must be a tiny-model run")
+                raise harness.UsageError("the truth by branching needs the toy world: --policy must be a run of "
+                                         "the tiny model")
             harness.validate(args)
             d = measure(args, opts.continuations, opts.prompts, opts.seed, opts.bootstrap,
                         opts.oracle_continuations, opts.policy)

@@ -314,7 +314,8 @@ def main_tables(data: dict, opts, base: dict | None) -> list[str]:
     lines += ["", "Final accuracy by training seed (3 noise seeds each):", "",
               "| arm | " + " | ".join(f"seed {s}" for s in range(most)) + " |", "|" + "---|" * (most + 1)]
     for a in arms:
-        lines.append(f"| {a} | " + " | ".join(f"{final[a][s]:.3f}" if s in final[a] else "" for s in range(most)) + " |")
+        cells = [f"{final[a][s]:.3f}" if s in final[a] else "" for s in range(most)]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     if set(FOUR) <= set(arms):
         effects = halves(final)
         lines += ["", f"The four arms as a 2 × 2 design (final accuracy, paired by seed, {len(effects['seeds'])} "
