@@ -261,6 +261,9 @@ def test_experiments_run_in_shards_score_summarise_and_skip_finished_runs(tmp_pa
     assert (tmp_path / "results" / "main.png").exists()
     assert "| temporal values (ω and previews) |" in table and "| the anchor (κ·Q̄) |" in table  # the 2 × 2
     assert "| no-step-weights | 1 |" in table and "Preview agreement" in table
+    late = [r["eval/strict_accuracy"] for r in rows if r["epoch"] in (1, 2)]  # the second half's evaluations
+    assert "each run's evaluations at epochs 1, 2 (first" in table
+    assert f"| grpo | {sum(late) / len(late):.3f} |  | " in table
     archived = json.loads((tmp_path / "results" / "experiments-runs.json").read_text())
     assert archived["grpo-e2-s0"]["score"] == scored and len(archived["grpo-e2-s0"]["rows"]) == len(rows)
     assert experiments.main(["run", *argv]) == 0

@@ -7,7 +7,8 @@ the source: edit it in Jupyter or any editor, then run this to refresh the outpu
     python -m tools.notebook --measure            # time both modes at one thread; writes nothing in the repository
     python -m tools.notebook --clear              # save without outputs (e.g. before a review of the cells)
 
-Run time: not measured yet; `python -m tools.notebook --measure` measures full and quick mode.
+Run time: full mode 1 min 5 s, quick mode 24 s, at one thread on a 2-core CPU where an epoch of the toy preset
+takes 4.7 s.
 
 The committed tutorial.ipynb is the teacher's edition. Its cells carry tags that the student copy follows:
 `solution` (a code cell whose `def my_…` functions get their bodies replaced by `raise NotImplementedError`, the
@@ -34,7 +35,8 @@ NOTEBOOK = os.path.join(ROOT, "tutorial.ipynb")
 
 # The notebook's run time, in the same words here, in the docstring above, in README.md and in the notebook's
 # introduction (tests/test_lab.py checks it). `python -m tools.notebook --measure` prints the sentence to put here.
-RUN_TIME = "Run time: not measured yet; `python -m tools.notebook --measure` measures full and quick mode."
+RUN_TIME = ("Run time: full mode 1 min 5 s, quick mode 24 s, at one thread on a 2-core CPU where an epoch "
+            "of the toy preset takes 4.7 s.")
 
 STUB = "raise NotImplementedError  # your code here"
 
