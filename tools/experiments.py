@@ -317,7 +317,7 @@ def main_tables(data: dict, opts, base: dict | None) -> list[str]:
     for a in arms:
         cells = [f"{final[a][s]:.3f}" if s in final[a] else "" for s in range(most)]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    # One evaluation of a run differs from the next by more than the arms do, so a comparison at the last epoch
+    # One evaluation of a run can differ from the next by as much as the arms do, so a comparison at the last epoch
     # alone is noisy; the mean over the second half's evaluations says whether an ordering holds beyond that epoch.
     late = [int(x) for x in epochs if x > 0 and x >= epochs[-1] / 2]
     late_mean = {a: {s: np.mean([r["eval/strict_accuracy"] for r in rows if r.get("epoch") in late
