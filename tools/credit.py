@@ -288,6 +288,11 @@ def _p(x, digits=2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def oracle_entry(d: dict) -> dict | None:
+    """The oracle's row of a measurement's corr_with_A (named by its M; the one with a note), None if not measured."""
+    return next((v for v in d["corr_with_A"].values() if "note" in v), None)
+
+
 def report_section(d: dict, label: str) -> list[str]:
     s, S = d["settings"], d["settings"]["trained_steps"]
     c, t, p = d["checks"], d["truth"], d["previews"]
@@ -326,7 +331,7 @@ def report_section(d: dict, label: str) -> list[str]:
         cells = [f"{_f(x)} ± {_p(e)}" for x, e in zip(v["value"], v["se"])]
         diff = "" if name == "GRPO" else f"{_f(v['minus_grpo'][-1])} ± {_p(v['minus_grpo_se'][-1])}"
         lines.append(f"| {name}{' *' if 'note' in v else ''} | " + " | ".join(cells) + f" | {diff} |")
-    oracle = next((v for v in d["corr_with_A"].values() if "note" in v), None)
+    oracle = oracle_entry(d)
     if oracle:
         lines += ["", f"\\* the oracle arm's own credit (A*_k from {s['oracle_continuations']} continuations per "
                   f"state, group-normalised), {oracle['note']}: what its noise leaves of the truth."]
@@ -371,7 +376,7 @@ def plot(found: dict, path: str) -> None:
                        label="corr(R, V(x_{k+1}))")
             ax[0].plot(ks, d["truth"]["sd_A"], "^:", color="black", label="s.d. of A*_k")
         for name, (color, marker) in styles.items():
-            v = d["corr_with_A"].get(name) or next(v for v in d["corr_with_A"].values() if "note" in v)  # the oracle
+            v = oracle_entry(d) if name == "oracle" else d["corr_with_A"][name]
             ax[1].errorbar(ks + 0.05 * list(styles).index(name), v["value"][:S], yerr=v["se"][:S], ls=ls,
                            marker=marker, color=color, ms=4, capsize=2,
                            label=(f"oracle, M = {d['settings']['oracle_continuations']}" if name == "oracle"

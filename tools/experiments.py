@@ -286,6 +286,12 @@ def paired(final: dict, a: str, ref: str) -> list[float]:
     return [final[a][s] - final[ref][s] for s in sorted(final[a]) if ref in final and s in final[ref]]
 
 
+def paired_cells(values: dict, a: str) -> list[str]:
+    """The '− GRPO, same seeds' and '− VGPO, same seeds' cells of arm a, from {arm: {seed: value}} (empty for the
+    reference itself or where it has no common seed)."""
+    return [fmt(d) if d and a != ref else "" for ref, d in ((r, paired(values, a, r)) for r in ("grpo", "vgpo"))]
+
+
 def main_tables(data: dict, opts, base: dict | None) -> list[str]:
     by_arm = arms_of(data)
     arms = list(by_arm)
@@ -300,14 +306,13 @@ def main_tables(data: dict, opts, base: dict | None) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in arms:
         seeds = by_arm[a]
-        d_grpo, d_vgpo = paired(final, a, "grpo"), paired(final, a, "vgpo")
         best = [max(r["eval/strict_accuracy"] for r in rows if "eval/strict_accuracy" in r) for _, rows, _ in seeds]
         e, m, se = curve(seeds, "eval/strict_accuracy")
         hit = [int(ei) for ei, mi in zip(e, m) if ei > 0 and ref_final is not None and mi >= ref_final - 1e-9]
         below = sum(v < base["strict_accuracy"] for v in final[a].values()) if base else "?"
         lines.append("| " + " | ".join([
             a, str(len(seeds)), f"**{fmt(list(final[a].values()))}**",
-            fmt(d_grpo) if d_grpo and a != "grpo" else "", fmt(d_vgpo) if d_vgpo and a != "vgpo" else "", fmt(best),
+            *paired_cells(final, a), fmt(best),
             *[f"{mi:.3f} ± {si:.3f}" for mi, si in zip(m, se)],
             (str(hit[0]) if hit else f"not by {int(e[-1])}") if ref_final is not None else "",
             f"{below} of {len(seeds)}"]) + " |")
@@ -326,9 +331,7 @@ def main_tables(data: dict, opts, base: dict | None) -> list[str]:
               "(first noise seed): one evaluation moves by a few hundredths from one to the next within a run.", "",
               "| arm | mean of the late evaluations | − GRPO, same seeds | − VGPO, same seeds |", "|---|---|---|---|"]
     for a in arms:
-        d_grpo, d_vgpo = paired(late_mean, a, "grpo"), paired(late_mean, a, "vgpo")
-        lines.append(f"| {a} | {fmt(list(late_mean[a].values()))} | {fmt(d_grpo) if d_grpo and a != 'grpo' else ''} "
-                     f"| {fmt(d_vgpo) if d_vgpo and a != 'vgpo' else ''} |")
+        lines.append(f"| {a} | {fmt(list(late_mean[a].values()))} | " + " | ".join(paired_cells(late_mean, a)) + " |")
     if set(FOUR) <= set(arms):
         effects = halves(final)
         lines += ["", f"The four arms as a 2 × 2 design (final accuracy, paired by seed, {len(effects['seeds'])} "
